@@ -1,0 +1,170 @@
+"""Batch classification as a generator: one progress record per file, a summary at the end.
+
+The GUI runs :func:`classify_files` in a superqt ``GeneratorWorker`` (progress and cancel for
+free); the CLI iterates it and prints. Nothing is written unless asked (``masks_dir``,
+:func:`write_csv`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from core.io import IMAGE_EXTENSIONS, ImageReadError, has_dicom_preamble, read_image
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("path", "status", "error", "predicted", "p_normal", "p_benign", "p_cancer",
+               "lesion_area_frac", "model_version")
+
+
+@dataclass
+class BatchRow:
+    """One file's result; ``status`` is ``ok`` or ``error``."""
+
+    path: Path
+    status: str
+    error: str = ""
+    predicted: str = ""
+    probabilities: tuple[float, ...] = ()
+    lesion_area_frac: float | None = None
+    model_version: str = ""
+    index: int = 0  # 1-based position in the run
+    total: int = 0
+    elapsed_s: float = 0.0
+
+    def as_csv(self) -> dict[str, str]:
+        p = list(self.probabilities) + [None] * (3 - len(self.probabilities))
+        fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+        return {
+            "path": str(self.path), "status": self.status, "error": self.error,
+            "predicted": self.predicted, "p_normal": fmt(p[0]), "p_benign": fmt(p[1]),
+            "p_cancer": fmt(p[2]), "lesion_area_frac": fmt(self.lesion_area_frac),
+            "model_version": self.model_version,
+        }
+
+
+@dataclass
+class BatchSummary:
+    total: int
+    ok: int
+    failed: int
+    skipped: int
+    cancelled: bool
+    seconds: float
+
+
+def _is_candidate(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    return path.suffix == "" and has_dicom_preamble(path)
+
+
+def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
+    """Files to classify: named files always; folders scanned recursively.
+
+    In folders, images are recognised by extension (any case) or, for extension-less files,
+    by the DICOM preamble. Other files are skipped and counted. Missing paths are kept so the
+    caller reports them as errors.
+
+    Returns
+    -------
+    tuple[list[Path], int]
+        Files in a stable order, and how many folder entries were skipped.
+    """
+    files: list[Path] = []
+    skipped = 0
+    for p in map(Path, paths):
+        if p.is_dir():
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                for name in sorted(names):
+                    f = Path(root) / name
+                    if name.startswith("."):
+                        skipped += 1
+                    elif _is_candidate(f):
+                        files.append(f)
+                    else:
+                        skipped += 1
+        else:
+            files.append(p)
+    return files, skipped
+
+
+def classify_files(analyzer, files: list[Path], masks_dir: str | Path | None = None,
+                   skipped: int = 0) -> Generator[BatchRow, None, BatchSummary]:
+    """Classify each file, yielding a :class:`BatchRow`; never stops at a bad file.
+
+    Closing the generator (``.close()``, or a superqt worker's ``quit()``) cancels the run after
+    the current file; the summary is then not returned.
+
+    Parameters
+    ----------
+    analyzer : core.inference.Analyzer
+        The loaded bundle.
+    files : list[Path]
+        From :func:`find_images`.
+    masks_dir : path, optional
+        Write each lesion mask as ``<stem>_mask.png`` (0/255) here.
+    skipped : int
+        Carried into the summary.
+    """
+    start = time.perf_counter()
+    ok = failed = 0
+    out_dir = Path(masks_dir) if masks_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    used_names: set[str] = set()
+    for i, f in enumerate(files, 1):
+        row = BatchRow(path=f, status="ok", index=i, total=len(files), model_version=analyzer.version)
+        try:
+            m = read_image(f)
+            a = analyzer.analyze(m)
+            row.predicted = a.predicted
+            row.probabilities = tuple(float(v) for v in a.probabilities)
+            row.lesion_area_frac = a.lesion_area_frac
+            if out_dir:
+                name = _unique_name(f, used_names)
+                cv2.imwrite(str(out_dir / name), a.lesion_mask.astype(np.uint8) * 255)
+            ok += 1
+        except ImageReadError as exc:
+            row.status, row.error = "error", str(exc)
+            failed += 1
+        except Exception as exc:  # one bad file must never stop a batch
+            log.exception("analysis failed for %s", f)
+            row.status, row.error = "error", f"{f.name}: analysis failed ({type(exc).__name__}: {exc})"
+            failed += 1
+        row.elapsed_s = time.perf_counter() - start
+        yield row
+    return BatchSummary(len(files), ok, failed, skipped, False, time.perf_counter() - start)
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    base = f"{path.stem}_mask"
+    name, n = f"{base}.png", 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}.png"
+    used.add(name)
+    return name
+
+
+def write_csv(rows: Iterable[BatchRow], path: str | Path) -> Path:
+    """Write rows with exactly :data:`CSV_COLUMNS`; written to a temporary file, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.as_csv())
+    os.replace(tmp, path)
+    return path

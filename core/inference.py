@@ -1,0 +1,332 @@
+"""Run a model bundle on a mammogram with LiteRT: tiled segmenter, candidates, multi-branch classifier.
+
+The walk for one image::
+
+    Mammogram ──breast mask, working transform (core.preprocess)──▶
+      canvas (working resolution, chest wall left, letterboxed) ──segmenter.tflite──▶
+      per-cell class probabilities (normal tissue / benign lesion / malignant lesion)
+      ──top-K lesion cells inside the breast──▶ K native-resolution patches
+      whole breast at low resolution + patches + cell scores ──classifier.tflite──▶
+      class probabilities / temperature ──▶ Analysis (maps back at full resolution)
+
+No TensorFlow on this path: only numpy, OpenCV and ``ai_edge_litert``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from core.bundle import Bundle, BundleError, load_bundle
+from core.io import Mammogram
+from core.paths import default_bundle_dir
+from core.preprocess import (
+    PreprocessConfig,
+    Transform,
+    breast_mask,
+    letterbox,
+    working_image_transform,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Analysis", "Analyzer", "BundleError", "Candidates", "candidate_patches", "top_cells"]
+
+
+@dataclass
+class Analysis:
+    """What the models say about one mammogram; every map is at the image's full resolution."""
+
+    probabilities: np.ndarray  # (n_classes,) float32, after temperature, sums to 1
+    classes: tuple[str, ...]
+    lesion_probability: np.ndarray  # (H, W) float32 in [0, 1]
+    lesion_mask: np.ndarray  # (H, W) bool
+    breast_mask: np.ndarray  # (H, W) bool
+    lesion_area_frac: float  # lesion pixels / breast pixels
+    model_name: str
+    model_version: str
+    candidates_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # full-res (x, y)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds
+
+    @property
+    def predicted(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
+
+    def probability(self, name: str) -> float:
+        return float(self.probabilities[self.classes.index(name)])
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Lesion candidates found on the segmenter's cell grid."""
+
+    cells_rc: np.ndarray  # (K, 2) int, (row, col) on the cell grid
+    canvas_xy: np.ndarray  # (K, 2) float, cell centres on the canvas
+    scores: np.ndarray  # (K, n_cell_classes) float32, cell class probabilities
+
+
+def top_cells(cell_probs: np.ndarray, breast_cells: np.ndarray, k: int, cell_px: int) -> Candidates:
+    """The ``k`` breast cells with the highest lesion probability (1 - P(normal tissue)).
+
+    Parameters
+    ----------
+    cell_probs : np.ndarray
+        (rows, cols, C) float32 cell class probabilities, class 0 = normal tissue.
+    breast_cells : np.ndarray
+        (rows, cols) bool, cells mostly inside the breast.
+    k : int
+        Number of candidates; fewer breast cells than ``k`` repeat the best one.
+    cell_px : int
+        Cell side on the canvas, px.
+    """
+    lesion = 1.0 - cell_probs[..., 0]
+    score = np.where(breast_cells, lesion, -1.0).ravel()
+    order = np.argsort(-score, kind="stable")
+    n_valid = max(1, int((score >= 0).sum()))
+    picks = [order[i % n_valid] for i in range(k)]
+    rc = np.array([divmod(int(i), cell_probs.shape[1]) for i in picks], dtype=np.int64)
+    xy = (rc[:, ::-1].astype(np.float64) + 0.5) * cell_px
+    return Candidates(rc, xy, cell_probs[rc[:, 0], rc[:, 1]].astype(np.float32))
+
+
+def candidate_patches(work: np.ndarray, centres_xy: np.ndarray, size: int) -> np.ndarray:
+    """Square patches of the working image centred on each point, zero-padded at the borders.
+
+    Returns
+    -------
+    np.ndarray
+        (K, size, size) float32.
+    """
+    half = size // 2
+    padded = np.pad(work, half, mode="constant")
+    out = np.empty((len(centres_xy), size, size), dtype=np.float32)
+    for i, (x, y) in enumerate(centres_xy):
+        cx = int(np.clip(np.floor(x), 0, work.shape[1] - 1)) + half
+        cy = int(np.clip(np.floor(y), 0, work.shape[0] - 1)) + half
+        out[i] = padded[cy - half : cy - half + size, cx - half : cx - half + size]
+    return out
+
+
+def canvas_transform(work: Transform, canvas_hw: tuple[int, int]) -> Transform:
+    """Working resolution, shrunk only if the breast does not fit the canvas; chest wall at x = 0."""
+    ch, cw = canvas_hw
+    h, w = work.scaled_shape
+    f = min(1.0, ch / h, cw / w)
+    nh, nw = max(1, min(ch, int(round(h * f)))), max(1, min(cw, int(round(w * f))))
+    x0, y0, x1, y1 = work.box
+    return Transform(work.original_shape, work.box, work.flipped, nw / (x1 - x0), nh / (y1 - y0),
+                     (nh, nw), (0, 0), (ch, cw))
+
+
+class _Model:
+    """One .tflite file behind LiteRT, its inputs matched by name."""
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self._interp = Interpreter(model_path=str(path), num_threads=threads)
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"{path}: LiteRT cannot load this model ({exc})") from None
+        self.inputs = self._interp.get_input_details()
+        self.outputs = self._interp.get_output_details()
+
+    def input_index(self, name: str) -> int:
+        for d in self.inputs:
+            if name in d["name"]:
+                return d["index"]
+        raise BundleError(f"model has no input named like '{name}': {[d['name'] for d in self.inputs]}")
+
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        for d in self.inputs:
+            if name in d["name"]:
+                return tuple(int(s) for s in d["shape"])
+        raise BundleError(f"model has no input named like '{name}'")
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for name, value in feeds.items():
+            self._interp.set_tensor(self.input_index(name), value.astype(np.float32))
+        self._interp.invoke()
+        return [self._interp.get_tensor(d["index"]) for d in self.outputs]
+
+
+class Analyzer:
+    """A loaded bundle, ready to analyse mammograms. Not thread-safe: one per worker."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+        self.bundle = bundle
+        card = bundle.card
+        self.config = PreprocessConfig.from_dict(card["preprocessing"])
+        p = card["pipeline"]
+        try:
+            self.canvas_hw = (int(p["canvas"][0]), int(p["canvas"][1]))
+            self.cell_px = int(p["cell_px"])
+            self.top_k = int(p["top_k"])
+            self.patch_px = int(p["patch_px"])
+            self.global_px = int(p["global_px"])
+            self.mask_threshold = float(p.get("mask_threshold", 0.5))
+            self.temperature = float(card.get("temperature", 1.0))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"{bundle.path}: model.json pipeline settings incomplete ({exc})") from None
+        self._seg = _Model(bundle.file("segmenter.tflite"), threads)
+        self._cls = _Model(bundle.file("classifier.tflite"), threads)
+        self.cell_classes = tuple(p.get("cell_classes", ("normal", "benign", "malignant")))
+
+    @classmethod
+    def from_bundle(cls, path: str | Path | None = None, threads: int | None = None) -> Analyzer:
+        """Load and verify a bundle folder (``None``: the bundled model)."""
+        return cls(load_bundle(path if path is not None else default_bundle_dir()), threads)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.bundle.classes
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.bundle.card
+
+    @property
+    def path(self) -> Path:
+        return self.bundle.path
+
+    # -- stages, public so training, tests and the heatmap use exactly the same steps ----------
+
+    def segment(self, canvas: np.ndarray) -> np.ndarray:
+        """Canvas (rows, cols) float32 [0, 1] -> cell probabilities (cell rows, cell cols, C)."""
+        (out,) = self._seg({"image": canvas[None, :, :, None]})
+        return out[0]
+
+    def classify(self, global_img: np.ndarray, patches: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Raw classifier probabilities (before temperature), shape (n_classes,)."""
+        out = self._cls({
+            "global": global_img[None, :, :, None],
+            "patches": patches[None, :, :, :, None],
+            "scores": scores[None],
+        })
+        return out[0][0]
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """Temperature scaling on probabilities: softmax(log p / T)."""
+        logits = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0)) / self.temperature
+        e = np.exp(logits - logits.max())
+        return (e / e.sum()).astype(np.float32)
+
+    def inputs_for(self, mammogram: Mammogram, mask: np.ndarray | None = None) -> dict[str, Any]:
+        """Everything the two models see for one image, with the transforms to map back."""
+        if mask is None:
+            mask = breast_mask(mammogram.pixels, self.config.threshold)
+        work_t = working_image_transform(mammogram, self.config, mask)
+        canvas_t = canvas_transform(work_t, self.canvas_hw)
+        canvas = canvas_t.apply(mammogram.pixels, pad_value=self.config.pad_value)
+        canvas_breast = canvas_t.apply(mask, nearest=True).astype(bool)
+        global_t = letterbox(work_t, self.global_px)
+        global_img = global_t.apply(mammogram.pixels, pad_value=self.config.pad_value)
+        return {"mask": mask, "work_t": work_t, "canvas_t": canvas_t, "canvas": canvas,
+                "canvas_breast": canvas_breast, "global_t": global_t, "global": global_img}
+
+    def breast_cells(self, canvas_breast: np.ndarray) -> np.ndarray:
+        c = self.cell_px
+        rows, cols = canvas_breast.shape[0] // c, canvas_breast.shape[1] // c
+        frac = canvas_breast[: rows * c, : cols * c].reshape(rows, c, cols, c).mean(axis=(1, 3))
+        return frac >= 0.5
+
+    def analyze(self, mammogram: Mammogram) -> Analysis:
+        """Classify and segment one mammogram.
+
+        Returns
+        -------
+        Analysis
+            Probabilities after temperature; lesion maps at full resolution.
+        """
+        t0 = time.perf_counter()
+        x = self.inputs_for(mammogram)
+        t1 = time.perf_counter()
+        cells = self.segment(x["canvas"])
+        t2 = time.perf_counter()
+        cand = top_cells(cells, self.breast_cells(x["canvas_breast"]), self.top_k, self.cell_px)
+        canvas_t: Transform = x["canvas_t"]
+        full_xy = canvas_t.inverse(cand.canvas_xy)
+        work = x["work_t"].apply(mammogram.pixels)
+        patches = candidate_patches(work, x["work_t"].forward(full_xy), self.patch_px)
+        raw = self.classify(x["global"], patches, cand.scores)
+        probs = self.calibrate(raw)
+        t3 = time.perf_counter()
+        lesion_map = self._lesion_map(cells, x["canvas_breast"], canvas_t)
+        mask = x["mask"]
+        lesion_mask = (lesion_map >= self.mask_threshold) & mask
+        area = float(lesion_mask.sum()) / max(1, int(mask.sum()))
+        t4 = time.perf_counter()
+        return Analysis(
+            probabilities=probs, classes=self.classes, lesion_probability=lesion_map,
+            lesion_mask=lesion_mask, breast_mask=mask, lesion_area_frac=area,
+            model_name=self.name, model_version=self.version, candidates_xy=full_xy,
+            timings={"preprocess": t1 - t0, "segmenter": t2 - t1, "classifier": t3 - t2,
+                     "maps": t4 - t3, "total": t4 - t0},
+        )
+
+    def _lesion_map(self, cells: np.ndarray, canvas_breast: np.ndarray, canvas_t: Transform) -> np.ndarray:
+        """Cell lesion probabilities, smoothly upsampled to the canvas, then to full resolution."""
+        lesion = (1.0 - cells[..., 0]).astype(np.float32)
+        ch, cw = canvas_t.output_shape
+        rows, cols = lesion.shape
+        up = np.zeros((ch, cw), dtype=np.float32)
+        up[: rows * self.cell_px, : cols * self.cell_px] = cv2.resize(
+            lesion, (cols * self.cell_px, rows * self.cell_px), interpolation=cv2.INTER_CUBIC)
+        up = np.clip(up, 0.0, 1.0) * canvas_breast
+        return canvas_t.to_original(up)
+
+    def heatmap(self, mammogram: Mammogram, analysis: Analysis | None = None,
+                cell: int = 32, stride: int | None = None) -> np.ndarray:
+        """Occlusion sensitivity of the predicted class on the whole-breast input.
+
+        Each ``cell`` x ``cell`` square of the global input (px) is replaced by the pad value in
+        turn; the drop in the predicted class' probability, clipped at zero and scaled to [0, 1],
+        is the heat of that square. Patches and cell scores are held fixed, so the map explains
+        the global branch; the candidates themselves are shown by the lesion overlay.
+
+        Returns
+        -------
+        np.ndarray
+            (H, W) float32 in [0, 1] at full resolution.
+        """
+        x = self.inputs_for(mammogram)
+        cells = self.segment(x["canvas"])
+        cand = top_cells(cells, self.breast_cells(x["canvas_breast"]), self.top_k, self.cell_px)
+        full_xy = x["canvas_t"].inverse(cand.canvas_xy)
+        work = x["work_t"].apply(mammogram.pixels)
+        patches = candidate_patches(work, x["work_t"].forward(full_xy), self.patch_px)
+        base = self.classify(x["global"], patches, cand.scores)
+        target = int(np.argmax(base)) if analysis is None else int(np.argmax(analysis.probabilities))
+        g = x["global"]
+        stride = stride or cell
+        size = g.shape[0]
+        heat = np.zeros_like(g)
+        count = np.zeros_like(g)
+        for y in range(0, size - cell + 1, stride):
+            for xx in range(0, size - cell + 1, stride):
+                occluded = g.copy()
+                occluded[y : y + cell, xx : xx + cell] = self.config.pad_value
+                drop = base[target] - self.classify(occluded, patches, cand.scores)[target]
+                heat[y : y + cell, xx : xx + cell] += max(0.0, float(drop))
+                count[y : y + cell, xx : xx + cell] += 1
+        heat = heat / np.maximum(count, 1)
+        peak = float(heat.max())
+        if peak > 0:
+            heat /= peak
+        heat = cv2.GaussianBlur(heat, (0, 0), cell / 4)
+        return np.clip(x["global_t"].to_original(heat), 0.0, 1.0)

@@ -124,6 +124,47 @@ def canvas_transform(work: Transform, canvas_hw: tuple[int, int]) -> Transform:
                      (nh, nw), (0, 0), (ch, cw))
 
 
+def pipeline_inputs(mammogram: Mammogram, config: PreprocessConfig, canvas_hw: tuple[int, int],
+                    global_px: int, mask: np.ndarray | None = None) -> dict[str, Any]:
+    """The segmenter canvas and the classifier's whole-breast input, with their transforms.
+
+    Training (``models/``) calls this too, so a model never sees pixels the app would not give it.
+
+    Returns
+    -------
+    dict
+        ``mask`` (H, W) bool full-res breast; ``work_t`` working-resolution transform;
+        ``canvas_t``/``canvas`` (canvas_hw) float32 [0, 1]; ``canvas_breast`` bool;
+        ``global_t``/``global`` (global_px, global_px) float32 [0, 1].
+    """
+    if mask is None:
+        mask = breast_mask(mammogram.pixels, config.threshold)
+    work_t = working_image_transform(mammogram, config, mask)
+    canvas_t = canvas_transform(work_t, canvas_hw)
+    canvas = canvas_t.apply(mammogram.pixels, pad_value=config.pad_value)
+    canvas_breast = canvas_t.apply(mask, nearest=True).astype(bool)
+    global_t = letterbox(work_t, global_px)
+    global_img = global_t.apply(mammogram.pixels, pad_value=config.pad_value)
+    return {"mask": mask, "work_t": work_t, "canvas_t": canvas_t, "canvas": canvas,
+            "canvas_breast": canvas_breast, "global_t": global_t, "global": global_img}
+
+
+def breast_cells(canvas_breast: np.ndarray, cell_px: int) -> np.ndarray:
+    """(cell rows, cell cols) bool: cells at least half inside the breast."""
+    c = cell_px
+    rows, cols = canvas_breast.shape[0] // c, canvas_breast.shape[1] // c
+    frac = canvas_breast[: rows * c, : cols * c].reshape(rows, c, cols, c).mean(axis=(1, 3))
+    return frac >= 0.5
+
+
+def patches_at(mammogram: Mammogram, inputs: dict[str, Any], cand: Candidates, patch_px: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Native-resolution patches around the candidates, and the candidates' full-res (x, y)."""
+    full_xy = inputs["canvas_t"].inverse(cand.canvas_xy)
+    work = inputs["work_t"].apply(mammogram.pixels)
+    return candidate_patches(work, inputs["work_t"].forward(full_xy), patch_px), full_xy
+
+
 class _Model:
     """One .tflite file behind LiteRT, its inputs matched by name."""
 
@@ -228,22 +269,10 @@ class Analyzer:
 
     def inputs_for(self, mammogram: Mammogram, mask: np.ndarray | None = None) -> dict[str, Any]:
         """Everything the two models see for one image, with the transforms to map back."""
-        if mask is None:
-            mask = breast_mask(mammogram.pixels, self.config.threshold)
-        work_t = working_image_transform(mammogram, self.config, mask)
-        canvas_t = canvas_transform(work_t, self.canvas_hw)
-        canvas = canvas_t.apply(mammogram.pixels, pad_value=self.config.pad_value)
-        canvas_breast = canvas_t.apply(mask, nearest=True).astype(bool)
-        global_t = letterbox(work_t, self.global_px)
-        global_img = global_t.apply(mammogram.pixels, pad_value=self.config.pad_value)
-        return {"mask": mask, "work_t": work_t, "canvas_t": canvas_t, "canvas": canvas,
-                "canvas_breast": canvas_breast, "global_t": global_t, "global": global_img}
+        return pipeline_inputs(mammogram, self.config, self.canvas_hw, self.global_px, mask)
 
     def breast_cells(self, canvas_breast: np.ndarray) -> np.ndarray:
-        c = self.cell_px
-        rows, cols = canvas_breast.shape[0] // c, canvas_breast.shape[1] // c
-        frac = canvas_breast[: rows * c, : cols * c].reshape(rows, c, cols, c).mean(axis=(1, 3))
-        return frac >= 0.5
+        return breast_cells(canvas_breast, self.cell_px)
 
     def analyze(self, mammogram: Mammogram) -> Analysis:
         """Classify and segment one mammogram.
@@ -260,9 +289,7 @@ class Analyzer:
         t2 = time.perf_counter()
         cand = top_cells(cells, self.breast_cells(x["canvas_breast"]), self.top_k, self.cell_px)
         canvas_t: Transform = x["canvas_t"]
-        full_xy = canvas_t.inverse(cand.canvas_xy)
-        work = x["work_t"].apply(mammogram.pixels)
-        patches = candidate_patches(work, x["work_t"].forward(full_xy), self.patch_px)
+        patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
         raw = self.classify(x["global"], patches, cand.scores)
         probs = self.calibrate(raw)
         t3 = time.perf_counter()
@@ -307,9 +334,7 @@ class Analyzer:
         x = self.inputs_for(mammogram)
         cells = self.segment(x["canvas"])
         cand = top_cells(cells, self.breast_cells(x["canvas_breast"]), self.top_k, self.cell_px)
-        full_xy = x["canvas_t"].inverse(cand.canvas_xy)
-        work = x["work_t"].apply(mammogram.pixels)
-        patches = candidate_patches(work, x["work_t"].forward(full_xy), self.patch_px)
+        patches, _ = patches_at(mammogram, x, cand, self.patch_px)
         base = self.classify(x["global"], patches, cand.scores)
         target = int(np.argmax(base)) if analysis is None else int(np.argmax(analysis.probabilities))
         g = x["global"]

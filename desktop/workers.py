@@ -1,0 +1,162 @@
+"""Background work: reading and analysing one image, and classifying a folder.
+
+Jobs are generators run by superqt's ``GeneratorWorker`` on the global thread pool. They yield a
+record per step and never touch a widget; results come back to the main thread through the
+worker's signals. ``quit()`` stops a job at its next yield, which is how a newer image
+supersedes an older one and how Cancel stops a batch.
+
+One ``Analyzer`` holds LiteRT interpreters, which must not be invoked from two threads at once;
+``ANALYZER_LOCK`` serialises calls on the app's analyzer (a batch uses its own analyzer).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QThreadPool, Signal
+from superqt.utils import GeneratorWorker, WorkerBase, thread_worker
+
+log = logging.getLogger(__name__)
+
+ANALYZER_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One record a job yields: ``kind`` names the step, ``value`` carries its result."""
+
+    kind: str  # "image", "analysis", "heatmap", "read_failed", "analysis_failed", "heatmap_failed"
+    value: Any
+    seconds: float = 0.0
+
+
+def analysis_job(path: Path, analyzer, with_heatmap: bool = True) -> Generator[Step, None, None]:
+    """Read ``path``, then analyse it, then compute the explanation heatmap.
+
+    Yields the mammogram first so the image shows at once, the analysis next so the confidence
+    bars appear before the (slower) heatmap. Failures are yielded as ``*_failed`` steps carrying
+    the exception, and end the job.
+    """
+    from core.io import read_image  # imported here: the window must start even without core.io
+
+    start = time.perf_counter()
+    try:
+        mammogram = read_image(path)
+    except Exception as exc:  # every failure to read becomes a message, never a crash
+        log.info("could not read %s: %s", path, exc)
+        yield Step("read_failed", exc)
+        return
+    yield Step("image", mammogram, time.perf_counter() - start)
+    if analyzer is None:
+        return
+    start = time.perf_counter()
+    try:
+        with ANALYZER_LOCK:
+            analysis = analyzer.analyze(mammogram)
+    except Exception as exc:
+        log.exception("analysis of %s failed", path)
+        yield Step("analysis_failed", exc)
+        return
+    yield Step("analysis", analysis, time.perf_counter() - start)
+    if not with_heatmap:
+        return
+    start = time.perf_counter()
+    try:
+        with ANALYZER_LOCK:
+            heat = analyzer.heatmap(mammogram, analysis)
+    except Exception as exc:
+        log.exception("heatmap of %s failed", path)
+        yield Step("heatmap_failed", exc)
+        return
+    yield Step("heatmap", heat, time.perf_counter() - start)
+
+
+class AnalysisRunner(QObject):
+    """Keeps at most one image job in flight: a newer request supersedes the older one.
+
+    Results of a superseded job are dropped, whatever thread timing does; only the current
+    request's steps are re-emitted, as ``step_ready(request, step)``.
+    """
+
+    step_ready = Signal(int, object)  # request number, Step
+    busy_changed = Signal(bool)
+    job_finished = Signal(int)  # request number; emitted when the current job ends
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._request = 0
+        self._worker: GeneratorWorker | None = None
+        self._workers: set[WorkerBase] = set()
+
+    def current_request(self) -> int:
+        return self._request
+
+    def is_busy(self) -> bool:
+        return self._worker is not None
+
+    def start(self, path: Path, analyzer, with_heatmap: bool = True) -> int:
+        """Start reading and analysing ``path``; returns the request number."""
+        self.cancel()
+        self._request += 1
+        request = self._request
+        worker = thread_worker(analysis_job, start_thread=False)(path, analyzer, with_heatmap)
+        worker.yielded.connect(lambda step, r=request: self._on_worker_yielded(r, step))
+        worker.finished.connect(lambda w=worker, r=request: self._on_worker_finished(w, r))
+        self._worker = worker
+        self._workers.add(worker)
+        self.busy_changed.emit(True)
+        worker.start()
+        return request
+
+    def cancel(self) -> None:
+        """Ask the current job to stop at its next step; its results will be ignored."""
+        if self._worker is not None:
+            self._worker.quit()
+            self._worker = None
+            self._request += 1
+            self.busy_changed.emit(False)
+
+    def shutdown(self, timeout_ms: int = 30000) -> bool:
+        """Stop every job and wait for their threads; False if one is still running."""
+        self.cancel()
+        for worker in list(self._workers):
+            worker.quit()
+        return QThreadPool.globalInstance().waitForDone(timeout_ms)
+
+    def _on_worker_yielded(self, request: int, step: Step) -> None:
+        if request == self._request:
+            self.step_ready.emit(request, step)
+
+    def _on_worker_finished(self, worker: WorkerBase, request: int) -> None:
+        self._workers.discard(worker)
+        if worker is self._worker:
+            self._worker = None
+            self.busy_changed.emit(False)
+            self.job_finished.emit(request)
+
+
+def batch_job(bundle_path: Path | None, files: list[Path]) -> Generator[Any, None, Any]:
+    """Load a private analyzer from ``bundle_path`` and classify ``files``, one row per yield.
+
+    A private analyzer keeps the batch from contending with the viewer's analysis. Yields
+    ``("loaded", None)`` once the model is ready, then each ``core.batch`` row; returns the
+    batch summary. Nothing is written to disk.
+    """
+    from core.batch import classify_files
+    from core.inference import Analyzer
+
+    analyzer = Analyzer.from_bundle(bundle_path)
+    yield ("loaded", None)
+    rows = classify_files(analyzer, files)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration as stop:
+            return stop.value
+        yield ("row", row)

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from core.io import IMAGE_EXTENSIONS, laterality_view_from_name, read_image
+from core.io import IMAGE_EXTENSIONS, ImageReadError, laterality_view_from_name, read_image
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def load_mias(root: str | Path) -> list[Record]:
         if centred:
             try:
                 height = read_image(path).pixels.shape[0]
-            except Exception as exc:  # an unreadable film is left out, not fatal
+            except (ImageReadError, OSError) as exc:  # one bad film is left out, not fatal
                 log.warning("MIAS film %s unreadable, skipped: %s", path, exc)
                 continue
             for kind, sev, (x, y, r) in centred:

@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
 )
 from superqt.utils import GeneratorWorker, thread_worker
 
+from desktop.tags import refilter
 from desktop.workers import batch_job
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,7 @@ class _ClassFilterModel(QSortFilterProxyModel):
         self.setSortRole(SORT_ROLE)
 
     def set_wanted(self, wanted: str) -> None:
-        self._wanted = wanted
-        self.invalidateFilter()
+        refilter(self, lambda: setattr(self, "_wanted", wanted))
 
     def filterAcceptsRow(self, row: int, parent: QModelIndex) -> bool:
         if self._wanted == ALL_ROWS:

@@ -77,6 +77,17 @@ def is_identifying(tag: dict) -> bool:
         return not keyword  # an unnamed tag we cannot place: hide it
 
 
+def refilter(proxy: QSortFilterProxyModel, change) -> None:
+    """Apply ``change()`` to a proxy's filter state and re-filter (Qt >= 6.10 way if present)."""
+    if hasattr(proxy, "beginFilterChange"):
+        proxy.beginFilterChange()
+        change()
+        proxy.endFilterChange()
+    else:  # Qt < 6.10
+        change()
+        proxy.invalidateFilter()
+
+
 COLUMNS = ("Tag", "Name", "VR", "Value")
 _FIELDS = ("tag", "name", "vr", "value")
 
@@ -129,12 +140,10 @@ class _TagFilterModel(QSortFilterProxyModel):
         self._text = ""
 
     def set_show_identifying(self, show: bool) -> None:
-        self._show_identifying = bool(show)
-        self.invalidateFilter()
+        refilter(self, lambda: setattr(self, "_show_identifying", bool(show)))
 
     def set_text(self, text: str) -> None:
-        self._text = text.strip().lower()
-        self.invalidateFilter()
+        refilter(self, lambda: setattr(self, "_text", text.strip().lower()))
 
     def filterAcceptsRow(self, row: int, parent: QModelIndex) -> bool:
         model: DicomTagModel = self.sourceModel()

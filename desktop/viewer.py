@@ -79,7 +79,7 @@ class ImageViewerWidget(QGraphicsView):
         self.setBackgroundBrush(QBrush(QColor(16, 16, 16)))
         self.setFrameShape(QFrame.Shape.NoFrame)
         self.setDragMode(QGraphicsView.DragMode.ScrollHandDrag)
-        self.setTransformationAnchor(QGraphicsView.ViewportAnchor.AnchorUnderMouse)
+        self.setTransformationAnchor(QGraphicsView.ViewportAnchor.AnchorViewCenter)
         self.setResizeAnchor(QGraphicsView.ViewportAnchor.AnchorViewCenter)
         self.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, True)
         self.setViewportUpdateMode(QGraphicsView.ViewportUpdateMode.FullViewportUpdate)
@@ -281,9 +281,25 @@ class ImageViewerWidget(QGraphicsView):
         self.setTransform(QTransform.fromScale(-scale if self._flipped else scale, scale))
         self.zoom_changed.emit(scale)
 
-    def zoom_by(self, factor: float) -> None:
+    def zoom_by(self, factor: float, anchor: QPointF | None = None) -> None:
+        """Zoom by ``factor`` keeping the image point under ``anchor`` (viewport px) in place.
+
+        Without an anchor the centre of the view stays put. Done by hand rather than with
+        ``AnchorUnderMouse``, which follows the real pointer and so ignores where a wheel
+        event says it happened.
+        """
         self._fit_mode = False
+        if anchor is None:
+            anchor = QPointF(self.viewport().rect().center())
+        point = anchor.toPoint()
+        fixed = self.mapToScene(point)
+        previous = self.transformationAnchor()
+        self.setTransformationAnchor(QGraphicsView.ViewportAnchor.NoAnchor)
         self._apply_scale(self.zoom() * factor)
+        self.setTransformationAnchor(previous)
+        drift = self.mapFromScene(fixed) - point
+        self.horizontalScrollBar().setValue(self.horizontalScrollBar().value() + drift.x())
+        self.verticalScrollBar().setValue(self.verticalScrollBar().value() + drift.y())
 
     def zoom_in(self) -> None:
         self.zoom_by(ZOOM_STEP)
@@ -319,7 +335,7 @@ class ImageViewerWidget(QGraphicsView):
         delta = event.angleDelta().y()
         if not delta or self._pixels is None:
             return
-        self.zoom_by(ZOOM_STEP ** (delta / WHEEL_NOTCH))
+        self.zoom_by(ZOOM_STEP ** (delta / WHEEL_NOTCH), event.position())
         event.accept()
 
     # ----------------------------------------------------------------------------------------

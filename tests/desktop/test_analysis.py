@@ -1,0 +1,133 @@
+"""With the real bundled model: the bars show core's numbers, the mask lies on core's mask, the
+heatmap is core's, and a bad bundle is refused while the current model stays."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from PySide6.QtCore import QPointF
+from PySide6.QtGui import QColor
+
+from core.io import read_image
+from core.paths import default_bundle_dir
+from desktop.results import BAR_STEPS, percent_text
+from desktop.viewer import MASK_FILL
+from tests.desktop.conftest import open_and_wait
+
+
+def deepest_pixel(region: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the pixel of ``region`` farthest from its edge: unambiguously inside it."""
+    distance = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 5)
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(x), int(y)
+
+
+@pytest.fixture(scope="module")
+def dicom_case(analyzer, cbis_dicoms):
+    """The smallest CBIS-DDSM DICOM, and core's own analysis of it."""
+    path = min(cbis_dicoms, key=lambda p: p.stat().st_size)
+    return path, analyzer.analyze(read_image(path))
+
+
+def test_bars_show_exactly_the_probabilities_core_computes(
+    make_window, qtbot, analyzer, dicom_case
+):
+    path, expected = dicom_case
+    window = make_window(analyzer=analyzer, with_heatmap=False)
+    open_and_wait(qtbot, window, path)
+    bars = window.results.bars
+    assert bars.classes() == tuple(analyzer.classes)
+    np.testing.assert_array_equal(window.analysis.probabilities, expected.probabilities)
+    assert bars.value_texts() == [percent_text(p) for p in expected.probabilities]
+    assert bars.bar_values() == [round(float(p) * BAR_STEPS) for p in expected.probabilities]
+    assert bars.emphasised() == [expected.predicted]
+    assert f"{100 * expected.lesion_area_frac:.2f} %" in window.results.lesion_area_text()
+    assert analyzer.name in window.results.model_text()
+    assert analyzer.version in window.results.model_text()
+
+
+def test_mask_overlay_lines_up_with_core_mask(make_window, qtbot, analyzer, dicom_case):
+    path, expected = dicom_case
+    mask = expected.lesion_mask
+    if not mask.any():
+        pytest.skip("the model finds no lesion on this image")
+    window = make_window(analyzer=analyzer, with_heatmap=False)
+    open_and_wait(qtbot, window, path)
+    np.testing.assert_array_equal(window.viewer.mask(), mask)
+    window.results.set_mask_mode(MASK_FILL)
+    window.results.mask_opacity.setValue(100)
+    item = window.viewer.mask_fill_item()
+    assert item.isVisible() and item.pos() == QPointF(0, 0) and item.scale() == 1.0
+    image = item.pixmap().toImage()
+    assert (image.width(), image.height()) == (mask.shape[1], mask.shape[0])
+
+    inside = deepest_pixel(mask)
+    outside = deepest_pixel(~mask & expected.breast_mask)
+    for (x, y), lesion in ((inside, True), (outside, False)):
+        scene = QPointF(x + 0.5, y + 0.5)  # the centre of image pixel (x, y)
+        # Which overlay pixel lies there, found through the scene, not assumed.
+        local = item.mapFromScene(scene)
+        alpha = QColor.fromRgba(image.pixel(int(local.x()), int(local.y()))).alpha()
+        assert (alpha > 0) == lesion
+        assert window.viewer.image_item().mapFromScene(scene) == local  # same coordinates
+        assert window.viewer.mask_outline_item().path().contains(scene) == lesion
+
+    # Alignment holds at any zoom and with the view flipped: the mapping is the view's alone.
+    window.viewer.zoom_actual()
+    window.viewer.zoom_by(3.0)
+    window.viewer.set_flipped(True)
+    view_point = window.viewer.mapFromScene(QPointF(inside[0] + 0.5, inside[1] + 0.5))
+    assert window.viewer.image_pixel_at(QPointF(view_point)) == inside
+
+
+def test_heatmap_is_core_heatmap(make_window, qtbot, analyzer, format_files):
+    path = format_files["png"]
+    window = make_window(analyzer=analyzer)
+    with qtbot.waitSignal(window.heatmap_shown, timeout=120000) as blocker:
+        window.open_paths([str(path)])
+    heat = blocker.args[0]
+    mammogram = read_image(path)
+    expected = analyzer.heatmap(mammogram, analyzer.analyze(mammogram))
+    assert heat.shape == mammogram.pixels.shape
+    np.testing.assert_allclose(heat, expected, atol=1e-6)
+    window.heatmap_action.setChecked(True)
+    assert window.viewer.heatmap_item().isVisible()
+    assert window.viewer.heatmap_item().pixmap().size().toTuple() == heat.shape[::-1]
+
+
+def test_bad_bundle_is_refused_and_the_model_stays(make_window, qtbot, analyzer, tmp_path):
+    bad = tmp_path / "bundle"
+    shutil.copytree(default_bundle_dir(), bad)
+    with open(bad / "classifier.tflite", "r+b") as f:  # one flipped byte: checksum mismatch
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    window = make_window(analyzer=analyzer)
+    with qtbot.waitSignal(window.error_shown) as blocker:
+        assert window.load_bundle(bad) is False
+    title, message = blocker.args
+    assert title == "Model bundle refused"
+    assert "checksum" in message and "classifier.tflite" in message
+    assert f"keeps using {analyzer.name} v{analyzer.version}" in message
+    assert window.analyzer is analyzer
+
+    (tmp_path / "empty").mkdir()
+    with qtbot.waitSignal(window.error_shown) as blocker:
+        assert window.load_bundle(tmp_path / "empty") is False
+    assert "model.json" in blocker.args[1]
+    assert window.analyzer is analyzer
+
+
+def test_another_good_bundle_replaces_the_model(make_window, qtbot, analyzer, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(default_bundle_dir(), other)
+    window = make_window(analyzer=analyzer)
+    with qtbot.waitSignal(window.model_changed):
+        assert window.load_bundle(other)
+    assert window.analyzer is not analyzer and window.analyzer.path == other
+    assert json.loads((other / "model.json").read_text())["version"] in window.results.model_text()

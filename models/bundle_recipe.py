@@ -502,9 +502,9 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
                "n_films": n, "n_patients": int(len(set(films.patients)))}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))
     if bundle is not None:
-        from models.bundle_export import export_bundle
+        from models.bundle_export import export_runs
 
-        export_bundle(out, bundle, cfg, summary, classifier, segmenter, films)
+        export_runs([out], bundle, overwrite=True)
     return summary
 
 

@@ -1,0 +1,117 @@
+"""Turn a run of the bundle recipe into the model bundle the app opens (``mammolab export``).
+
+A run folder written by :func:`models.bundle_recipe.run` holds ``classifier.keras``,
+``segmenter.keras``, ``config.json`` and ``evaluation.json``. The bundle gets both models as
+.tflite, and a ``model.json`` and ``MODEL_CARD.md`` carrying the cross-validated figures with
+their intervals, the data they were measured on, and the training data's provenance and licence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from core.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+BUNDLE_NAME = "MammoLab lesion-aware multi-branch (MIAS)"
+BUNDLE_VERSION = "1.0.0"
+RUN_FILES = ("classifier.keras", "segmenter.keras", "config.json", "evaluation.json")
+
+
+class RunError(ValueError):
+    """A run folder that cannot be exported; the message says which and why."""
+
+
+def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not run.is_dir():
+        raise RunError(f"{run}: no such run folder")
+    missing = [f for f in RUN_FILES if not (run / f).is_file()]
+    if missing:
+        raise RunError(f"{run}: not a finished run of the bundle recipe (missing {', '.join(missing)})")
+    try:
+        config = json.loads((run / "config.json").read_text())
+        evaluation = json.loads((run / "evaluation.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"{run}: unreadable run files ({exc})") from None
+    return config, evaluation
+
+
+def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """``model.json``'s content that the export does not compute itself."""
+    from models.export import MIAS
+
+    reports = evaluation["reports"]
+    seg = evaluation["segmenter"]
+    n, patients = evaluation["n_films"], evaluation["n_patients"]
+    data = (f"{n} MIAS films of {patients} women in ../shared/data/mias; {config['folds']}-fold "
+            "cross-validation grouped by patient and stratified by label; every figure from "
+            "out-of-fold predictions (patients the fold's models never saw); 95 % intervals from "
+            "1000 bootstrap resamples of patients")
+    return {
+        "name": BUNDLE_NAME,
+        "version": BUNDLE_VERSION,
+        "description": (
+            "Tiled segmenter: frozen ImageNet EfficientNet-Lite0 over the breast at 0.2 mm/px, "
+            "a 1x1-convolution head giving each 32 px cell P(normal tissue, benign lesion, "
+            "malignant lesion). Multi-branch classifier: a narrow CNN on the whole breast at low "
+            "resolution beside Lite0 on the top candidate patches at native resolution and the "
+            "candidates' cell probabilities -> Dense(128) -> Dropout(0.5) -> softmax."
+        ),
+        "classes": ["Normal", "Benign", "Cancer"],
+        "temperature": float(evaluation["temperature"]),
+        "preprocessing": PreprocessConfig.from_dict(config["preprocessing"]).to_dict(),
+        "pipeline": {
+            "kind": "tiled-lesion-multibranch",
+            "canvas": list(config["canvas"]),
+            "cell_px": config["cell_px"],
+            "top_k": config["top_k"],
+            "patch_px": config["patch_px"],
+            "global_px": config["global_px"],
+            "mask_threshold": float(seg.get("mask_threshold", config["mask_threshold"])),
+            "cell_classes": ["normal", "benign", "malignant"],
+        },
+        "evaluation": {
+            "data": data,
+            "classifier": reports["lesion_multibranch_calibrated"],
+            "classifier_before_temperature": reports["lesion_multibranch"],
+            "references": {
+                "seed-style whole-image multi-branch": reports["seed_multibranch"],
+                "patch scan (top cells of the segmenter)": reports["patch_scan"],
+            },
+            "segmenter": seg,
+            "temperature_fitted_on": "the out-of-fold probabilities of the same cross-validation",
+        },
+        "training_data": [MIAS],
+        "limitations": [
+            "Trained and evaluated on 258 digitised film MLO mammograms (MIAS) only; expect lower "
+            "performance on digital mammograms, CC views and other populations.",
+            "The figures come from a small data set: the intervals are wide.",
+            "The segmenter's cells are 6.4 mm: outlines are coarse and fine calcifications are "
+            "not delineated.",
+            "The shipped models were retrained on all films after cross-validation; the figures "
+            "describe the recipe, estimated on held-out patients.",
+            "Not a medical device. Not for diagnosis, screening or any clinical decision.",
+        ],
+        "training": {k: v for k, v in config.items() if k != "preprocessing"},
+        "training_seconds": evaluation.get("seconds"),
+    }
+
+
+def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False) -> Path:
+    """Export one recipe run as a bundle folder (checksummed, LiteRT parity checked)."""
+    import keras
+
+    from models.export import write_bundle
+
+    if len(runs) != 1:
+        raise RunError("give exactly one run of the bundle recipe (it holds both models)")
+    run = Path(runs[0])
+    config, evaluation = _read_run(run)
+    classifier = keras.models.load_model(run / "classifier.keras", compile=False)
+    segmenter = keras.models.load_model(run / "segmenter.keras", compile=False)
+    meta = bundle_metadata(config, evaluation)
+    return write_bundle(out_dir, classifier, segmenter, meta, overwrite=overwrite)

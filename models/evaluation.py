@@ -35,6 +35,7 @@ __all__ = [
     "dice",
     "expected_calibration_error",
     "fit_temperature",
+    "format_figure",
     "iou",
     "lesion_candidates",
     "lesion_detection_sensitivity",
@@ -530,7 +531,8 @@ def lesion_detection_sensitivity(
 # -- side by side -----------------------------------------------------------------------------
 
 
-def _cell(fig: Mapping[str, Any] | None, digits: int = 3) -> str:
+def format_figure(fig: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``{value, ci95}`` as ``"0.812 (0.750–0.860)"``; ``"n/a"`` when undefined."""
     if not fig or fig.get("value") is None:
         return "n/a"
     text = f"{fig['value']:.{digits}f}"
@@ -557,9 +559,9 @@ def compare_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for model, r in results.items():
         per_class = r.get("per_class", {})
-        row = [str(model), str(r.get("n", "n/a")), _cell(r.get("accuracy")),
-               _cell(r.get("balanced_accuracy")), _cell(r.get("macro_auc"))]
-        row += [_cell(per_class.get(c, {}).get("auc")) for c in classes]
-        row.append(_cell(r.get("ece")))
+        row = [str(model), str(r.get("n", "n/a")), format_figure(r.get("accuracy")),
+               format_figure(r.get("balanced_accuracy")), format_figure(r.get("macro_auc"))]
+        row += [format_figure(per_class.get(c, {}).get("auc")) for c in classes]
+        row.append(format_figure(r.get("ece")))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

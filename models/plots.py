@@ -21,6 +21,7 @@ from models.evaluation import ECE_BINS, one_vs_rest_auc, reliability_bins
 __all__ = [
     "plot_confusion_matrix",
     "plot_learning_curves",
+    "plot_reliability",
     "plot_reliability_diagram",
     "plot_roc_curves",
 ]
@@ -153,3 +154,6 @@ def plot_reliability_diagram(
     bottom.set_ylabel("images")
     bottom.set_xlim(0, 1)
     return _save(fig, path)
+
+
+plot_reliability = plot_reliability_diagram  # shorter name used by the training recipe

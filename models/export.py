@@ -672,8 +672,8 @@ def render_model_card(model_json: Mapping[str, Any]) -> str:
             lines += _report_section(key, v)
         elif isinstance(v, Mapping) and v and all(_is_report(x) for x in v.values()):
             lines += [f"### {key}", "", compare_table(v).rstrip(), ""]
-            for name, rep in v.items():
-                lines += _report_section(f"{key}: {name}", rep)
+            methods = dict.fromkeys(rep["method"] for rep in v.values() if rep.get("method"))
+            lines += [f"How obtained: {m}" for m in methods] + ([""] if methods else [])
         elif isinstance(v, Mapping):
             lines += [f"### {key}", ""] + _bullets(v) + [""]
         else:

@@ -295,3 +295,18 @@ def test_failed_overwrite_keeps_the_old_bundle(models, tmp_path, monkeypatch):
     export.write_bundle(out, classifier, segmenter, metadata(version="0.2.0"), overwrite=True)
     assert json.loads((out / "model.json").read_text())["version"] == "0.2.0"
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_model_card_puts_reference_models_side_by_side():
+    from models import evaluation as ev
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    reports = {name: ev.classification_report(y, rng.dirichlet(np.ones(3), 60), CLASSES, n_boot=20)
+               for name in ("ours", "baseline")}
+    card = {**metadata(), "evaluation": {"data": "held-out patients", "references": reports}}
+    text = export.render_model_card(card)
+    section = text.split("### references")[1].split("##")[0]
+    assert "| ours | 60 |" in section and "| baseline | 60 |" in section
+    assert section.count("How obtained:") == 1  # one method for both, said once
+    assert "Measured on: held-out patients" in text

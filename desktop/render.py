@@ -106,13 +106,18 @@ _HEAT_ANCHORS = (
 )
 
 
+HEAT_FLOOR, HEAT_FULL = 0.15, 0.6  # heat levels where the colour starts to show / is opaque
+
+
 def heatmap_colour_table() -> list[int]:
     """256 ARGB colours for heat 0 ... 1; low heat is see-through so the tissue stays visible."""
     stops = np.array([a[0] for a in _HEAT_ANCHORS])
     rgb = np.array([a[1] for a in _HEAT_ANCHORS], dtype=np.float64)
     levels = np.linspace(0.0, 1.0, 256)
     channels = [np.interp(levels, stops, rgb[:, c]) for c in range(3)]
-    alpha = np.clip(levels * 1.6, 0.0, 1.0) * 255.0
+    # Below HEAT_FLOOR the map says "no effect": fully see-through, so weak heat does not tint
+    # the whole breast; opaque from HEAT_FULL up (the item's opacity then scales it).
+    alpha = np.clip((levels - HEAT_FLOOR) / (HEAT_FULL - HEAT_FLOOR), 0.0, 1.0) * 255.0
     return [
         QColor(int(r), int(g), int(b), int(a)).rgba()
         for r, g, b, a in zip(*channels, alpha, strict=True)

@@ -56,3 +56,21 @@ def cbis_cases() -> list[dict[str, Path]]:
 @pytest.fixture(scope="session")
 def cbis_dicoms(cbis_cases) -> list[Path]:
     return [p for case in cbis_cases for p in case.values()]
+
+
+@pytest.fixture(scope="session")
+def bundle_dir() -> Path:
+    """The shipped model bundle; its absence is always a failure (it is part of the repo)."""
+    from core.paths import default_bundle_dir
+
+    path = default_bundle_dir()
+    if not (path / "model.json").is_file():
+        pytest.fail(f"the bundled model is missing from {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def analyzer(bundle_dir):
+    from core.inference import Analyzer
+
+    return Analyzer.from_bundle(bundle_dir)

@@ -1,0 +1,136 @@
+"""core.batch and `mammolab classify` on real files: every file a row, bad files never stop a run."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from core.batch import CSV_COLUMNS, classify_files, find_images, write_csv
+from core.cli import main
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path, mias_dir, cbis_dicoms):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(mias_dir / "mdb001.png", d / "a.PNG")
+    shutil.copy(cbis_dicoms[0], d / "sub" / "scan_without_extension")  # DICM preamble
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (d / "notes.txt").write_text("not an image")
+    (d / "table.xlsx").write_bytes(b"PK\x03\x04")
+    return d
+
+
+def test_find_images_by_extension_and_preamble(mixed_folder):
+    files, skipped = find_images([mixed_folder])
+    names = sorted(f.name for f in files)
+    assert names == ["a.PNG", "broken.png", "scan_without_extension"]
+    assert skipped == 2
+
+
+def test_classify_files_continues_past_bad_files(analyzer, mixed_folder, tmp_path):
+    files, skipped = find_images([mixed_folder])
+    gen = classify_files(analyzer, files, masks_dir=tmp_path / "masks", skipped=skipped)
+    rows = []
+    try:
+        while True:
+            rows.append(next(gen))
+    except StopIteration as stop:
+        summary = stop.value
+    assert [r.index for r in rows] == [1, 2, 3]
+    by_name = {r.path.name: r for r in rows}
+    assert by_name["broken.png"].status == "error" and "broken.png" in by_name["broken.png"].error
+    assert by_name["a.PNG"].status == "ok" and by_name["scan_without_extension"].status == "ok"
+    assert summary.ok == 2 and summary.failed == 1 and summary.skipped == 2
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == [
+        "a_mask.png", "scan_without_extension_mask.png"]
+
+
+def test_cancel_by_closing_the_generator(analyzer, mixed_folder):
+    files, _ = find_images([mixed_folder])
+    gen = classify_files(analyzer, files)
+    first = next(gen)
+    gen.close()
+    assert first.index == 1
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_cli_classify_writes_exact_columns(mixed_folder, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    code = main(["classify", str(mixed_folder), "--csv", str(out), "-q"])
+    assert code == 1  # one file failed
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    assert len(rows) == 3
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2
+    for r in ok:
+        p = [float(r[k]) for k in ("p_normal", "p_benign", "p_cancer")]
+        assert abs(sum(p) - 1) < 1e-4 and r["predicted"] in ("Normal", "Benign", "Cancer")
+        assert r["model_version"]
+    bad = [r for r in rows if r["status"] == "error"][0]
+    assert bad["error"] and bad["p_normal"] == ""
+    assert "2 ok, 1 failed" in capsys.readouterr().err
+
+
+def test_cli_named_file_always_attempted(tmp_path, capsys):
+    odd = tmp_path / "named.txt"
+    odd.write_text("hello")
+    out = tmp_path / "o.csv"
+    assert main(["classify", str(odd), "--csv", str(out), "-q"]) == 1
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert rows[0]["status"] == "error" and "named.txt" in rows[0]["error"]
+
+
+def test_cli_all_ok_exit_zero(mias_dir, tmp_path):
+    out = tmp_path / "o.csv"
+    assert main(["classify", str(mias_dir / "mdb001.png"), str(mias_dir / "mdb002.png"),
+                 "--csv", str(out), "-q"]) == 0
+
+
+def test_cli_usage_and_model_errors_exit_two(tmp_path, capsys):
+    assert main(["classify", str(tmp_path), "--csv", str(tmp_path / "o.csv"),
+                 "--model", str(tmp_path / "nowhere")]) == 2
+    assert "not a model bundle" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["classify", str(empty), "--csv", str(tmp_path / "o.csv")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", str(empty)])  # --csv missing
+    assert exc.value.code == 2
+    assert not (tmp_path / "o.csv").exists(), "a refused run writes nothing"
+
+
+def test_write_csv_roundtrip(tmp_path):
+    from pathlib import Path
+
+    from core.batch import BatchRow
+
+    rows = [BatchRow(Path("x.png"), "ok", predicted="Benign", probabilities=(0.1, 0.6, 0.3),
+                     lesion_area_frac=0.01, model_version="1.0.0")]
+    p = write_csv(rows, tmp_path / "r.csv")
+    got = list(csv.DictReader(open(p, newline="")))
+    assert got[0]["p_benign"] == "0.600000" and got[0]["predicted"] == "Benign"
+
+
+def test_classify_on_all_cbis_dicoms_without_tensorflow(cbis_dicoms, tmp_path):
+    out = tmp_path / "d.csv"
+    code = (
+        "import sys\n"
+        "from core.cli import main\n"
+        f"rc = main(['classify', *{[str(p) for p in cbis_dicoms]!r}, '--csv', {str(out)!r}, '-q'])\n"
+        "assert rc == 0, rc\n"
+        "bad = [m for m in ('tensorflow', 'keras', 'PySide6') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)

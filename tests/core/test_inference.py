@@ -1,0 +1,122 @@
+"""core.inference on the bundled model and real mammograms (LiteRT only, no TensorFlow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from core.bundle import BundleError, load_bundle
+from core.inference import Analyzer, candidate_patches, top_cells
+from core.io import read_image
+
+
+def test_analysis_on_a_real_dicom(analyzer, cbis_dicoms):
+    m = read_image(cbis_dicoms[0])
+    a = analyzer.analyze(m)
+    assert a.classes == ("Normal", "Benign", "Cancer")
+    assert a.probabilities.shape == (3,) and a.probabilities.dtype == np.float32
+    assert abs(float(a.probabilities.sum()) - 1.0) < 1e-5
+    assert a.predicted == a.classes[int(np.argmax(a.probabilities))]
+    for arr in (a.lesion_probability, a.lesion_mask, a.breast_mask):
+        assert arr.shape == m.pixels.shape
+    assert 0.0 <= a.lesion_probability.min() and a.lesion_probability.max() <= 1.0
+    assert not (a.lesion_mask & ~a.breast_mask).any(), "lesions are only reported inside the breast"
+    assert a.lesion_area_frac == pytest.approx(a.lesion_mask.sum() / a.breast_mask.sum())
+    assert a.model_version == analyzer.version
+
+
+def test_same_image_same_answer(analyzer, mias_dir):
+    m = read_image(mias_dir / "mdb010.png")
+    a, b = analyzer.analyze(m), analyzer.analyze(m)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+
+
+def test_candidates_lie_in_the_breast(analyzer, mias_dir):
+    m = read_image(mias_dir / "mdb001.png")
+    a = analyzer.analyze(m)
+    xy = a.candidates_xy.astype(int)
+    assert len(xy) == analyzer.top_k
+    assert a.breast_mask[xy[:, 1], xy[:, 0]].all()
+
+
+def test_temperature_is_applied(analyzer):
+    raw = np.array([0.7, 0.2, 0.1], np.float32)
+    cal = analyzer.calibrate(raw)
+    t = analyzer.temperature
+    expected = np.exp(np.log(raw) / t)
+    np.testing.assert_allclose(cal, expected / expected.sum(), rtol=1e-5)
+
+
+def test_heatmap_full_resolution(analyzer, mias_dir):
+    m = read_image(mias_dir / "mdb002.png")
+    h = analyzer.heatmap(m)
+    assert h.shape == m.pixels.shape and h.dtype == np.float32
+    assert 0.0 <= h.min() and h.max() <= 1.0
+
+
+def test_top_cells_ranks_by_lesion_probability():
+    probs = np.zeros((4, 3, 3), np.float32)
+    probs[..., 0] = 1.0
+    probs[2, 1] = (0.1, 0.2, 0.7)
+    probs[0, 0] = (0.5, 0.5, 0.0)
+    breast = np.ones((4, 3), bool)
+    c = top_cells(probs, breast, 2, 32)
+    assert c.cells_rc.tolist() == [[2, 1], [0, 0]]
+    np.testing.assert_allclose(c.canvas_xy[0], (1.5 * 32, 2.5 * 32))
+    breast[2, 1] = False  # outside the breast: never a candidate
+    assert c.cells_rc.tolist() != top_cells(probs, breast, 2, 32).cells_rc.tolist()
+
+
+def test_candidate_patches_centre_and_pad():
+    work = np.arange(100, dtype=np.float32).reshape(10, 10)
+    p = candidate_patches(work, np.array([[5.5, 5.5], [0.2, 0.2]]), 4)
+    assert p.shape == (2, 4, 4)
+    assert p[0, 2, 2] == work[5, 5]
+    assert p[1, 0, 0] == 0.0 and p[1, 2, 2] == work[0, 0]
+
+
+def _copy_bundle(src, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_bundles_are_refused(bundle_dir, tmp_path):
+    with pytest.raises(BundleError, match="not a model bundle folder"):
+        load_bundle(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BundleError, match="no model.json"):
+        load_bundle(empty)
+    damaged = _copy_bundle(bundle_dir, tmp_path)
+    with open(damaged / "classifier.tflite", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="checksum"):
+        Analyzer.from_bundle(damaged)
+    card = json.loads((damaged / "model.json").read_text())
+    (damaged / "model.json").write_text("{ not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(damaged)
+    card["version"] = "one"
+    (damaged / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="semantic version"):
+        load_bundle(damaged)
+
+
+def test_inference_does_not_import_tensorflow(bundle_dir, mias_dir):
+    code = (
+        "import sys\n"
+        "from core.inference import Analyzer\n"
+        "from core.io import read_image\n"
+        f"a = Analyzer.from_bundle({str(bundle_dir)!r})\n"
+        f"a.analyze(read_image({str(mias_dir / 'mdb001.png')!r}))\n"
+        "bad = [m for m in ('tensorflow', 'keras', 'PySide6') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from collections.abc import Iterable
@@ -68,40 +67,34 @@ class AboutDialog(_TextDialog):
 
 
 def model_card_markdown(card: dict[str, Any], bundle_path: Path | None) -> str:
-    """Markdown for the Model card dialog: key facts from ``model.json``, then MODEL_CARD.md."""
-    lines = [f"# {card.get('name', 'Model')} {card.get('version', '')}".rstrip(), ""]
-    facts = [
-        ("Classes", ", ".join(map(str, card.get("classes", [])))),
-        ("Folder", str(bundle_path) if bundle_path else ""),
-        ("Created", card.get("created", "")),
-    ]
-    for key in ("description", "intended_use", "framework", "frameworks", "license"):
-        if key in card:
-            value = card[key]
-            facts.append(
-                (
-                    key.replace("_", " ").capitalize(),
-                    value if isinstance(value, str) else json.dumps(value),
-                )
-            )
-    for label, value in facts:
-        if value:
-            lines.append(f"- **{label}:** {value}")
-    metrics = card.get("metrics")
-    if isinstance(metrics, dict) and metrics:
-        lines += ["", "## Metrics (from model.json)", "", "| metric | value |", "| --- | --- |"]
-        for key, value in _flatten(metrics):
-            if isinstance(value, float):
-                value = f"{value:.4g}"
-            lines.append(f"| {key} | {value} |")
-    card_text = ""
+    """Markdown for the Model card dialog.
+
+    The bundle's own MODEL_CARD.md when it has one, under a line saying which folder it is;
+    otherwise the facts ``model.json`` holds (description, intended use, classes, evaluation).
+    """
+    where = f"*Bundle folder: {bundle_path} — files verified against their checksums.*"
     if bundle_path is not None:
         try:
-            card_text = (Path(bundle_path) / "MODEL_CARD.md").read_text(encoding="utf-8")
+            text = (Path(bundle_path) / "MODEL_CARD.md").read_text(encoding="utf-8")
         except OSError:
-            card_text = "*This bundle has no MODEL_CARD.md.*"
-    if card_text:
-        lines += ["", "---", "", card_text]
+            text = ""
+        if text.strip():
+            return f"{where}\n\n{text}"
+    lines = [f"# {card.get('name', 'Model')} {card.get('version', '')}".rstrip(), "", where, ""]
+    lines.append(f"- **Classes:** {', '.join(map(str, card.get('classes', [])))}")
+    for key in ("description", "intended_use", "created", "frameworks", "limitations"):
+        if key in card:
+            value = card[key]
+            text = value if isinstance(value, str) else json.dumps(value)
+            lines.append(f"- **{key.replace('_', ' ').capitalize()}:** {text}")
+    for key in ("evaluation", "metrics"):
+        section = card.get(key)
+        if isinstance(section, dict) and section:
+            lines += ["", f"## {key.capitalize()} (from model.json)", "", "| | |", "| --- | --- |"]
+            for name, value in _flatten(section):
+                if isinstance(value, float):
+                    value = f"{value:.4g}"
+                lines.append(f"| {name} | {value} |")
     return "\n".join(lines)
 
 
@@ -183,12 +176,3 @@ class DisclaimerDialog(QDialog):
         layout.addWidget(self.understood)
         layout.addWidget(self.buttons)
         self.setWindowModality(Qt.WindowModality.ApplicationModal)
-
-    def reject(self) -> None:
-        # Escape or the close button must not count as an acknowledgement; the dialog only
-        # closes, and comes back at the next start.
-        super().reject()
-
-
-def escape(text: str) -> str:
-    return html.escape(str(text))

@@ -88,8 +88,9 @@ def refilter(proxy: QSortFilterProxyModel, change) -> None:
         proxy.invalidateFilter()
 
 
-COLUMNS = ("Tag", "Name", "VR", "Value")
-_FIELDS = ("tag", "name", "vr", "value")
+# Name and value first: they are what a reader wants in a narrow dock; tag and VR follow.
+COLUMNS = ("Name", "Value", "Tag", "VR")
+_FIELDS = ("name", "value", "tag", "vr")
 
 
 class DicomTagModel(QAbstractTableModel):
@@ -117,7 +118,12 @@ class DicomTagModel(QAbstractTableModel):
         if not index.isValid():
             return None
         tag = self._tags[index.row()]
-        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole):
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return (
+                f"{tag.get('tag', '')} {tag.get('keyword', '')} ({tag.get('vr', '')})\n"
+                f"{tag.get('value', '')}"
+            )
+        if role == Qt.ItemDataRole.DisplayRole:
             field = _FIELDS[index.column()]
             value = tag.get(field)
             if field == "name" and not value:
@@ -187,11 +193,11 @@ class DicomTagsWidget(QWidget):
         self.table.verticalHeader().hide()
         self.table.setWordWrap(False)
         header = self.table.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Interactive)
-        header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setStretchLastSection(True)
-        self.table.setColumnWidth(1, 180)
+        self.table.setColumnWidth(0, 170)
+        self.table.setColumnWidth(1, 230)
+        self.table.setColumnWidth(2, 95)
 
         top = QHBoxLayout()
         top.addWidget(self.search, 1)

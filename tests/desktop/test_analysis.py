@@ -131,3 +131,15 @@ def test_another_good_bundle_replaces_the_model(make_window, qtbot, analyzer, tm
         assert window.load_bundle(other)
     assert window.analyzer is not analyzer and window.analyzer.path == other
     assert json.loads((other / "model.json").read_text())["version"] in window.results.model_text()
+
+
+def test_model_card_renders_the_bundle_card(make_window, analyzer):
+    from desktop.dialogs import ModelCardDialog
+
+    window = make_window(analyzer=analyzer)
+    text = ModelCardDialog(analyzer.card, analyzer.path, window).text()
+    card = (analyzer.path / "MODEL_CARD.md").read_text(encoding="utf-8")
+    first_heading = next(line for line in card.splitlines() if line.startswith("#"))
+    assert first_heading.lstrip("# ").strip() in text
+    assert analyzer.version in text and str(analyzer.path) in text
+    assert window.model_card_action.isEnabled()

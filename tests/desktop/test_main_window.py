@@ -209,3 +209,28 @@ def test_without_a_model_the_viewer_still_works(make_window, qtbot, format_files
     assert window.analysis is None
     assert "No model" in window.results.model_text()
     assert not window.classify_folder_action.isEnabled()
+
+
+def test_single_key_shortcuts_reach_the_actions(make_window, qtbot, format_files):
+    window = make_window()
+    open_and_wait(qtbot, window, format_files["png"])
+    window.activateWindow()
+    qtbot.waitActive(window)
+    window.viewer.setFocus()
+    mask_before = window.mask_action.isChecked()
+    qtbot.keyClick(window.viewer, Qt.Key.Key_M)
+    assert window.mask_action.isChecked() != mask_before
+    qtbot.keyClick(window.viewer, Qt.Key.Key_I)
+    assert window.viewer.is_inverted()
+    qtbot.keyClick(window.viewer, Qt.Key.Key_1)
+    assert window.viewer.zoom() == pytest.approx(1.0)
+    qtbot.keyClick(window.viewer, Qt.Key.Key_F)
+    assert window.viewer.zoom() < 1.0
+    # Typing in the tag search box types; it does not toggle overlays.
+    window.tags_dock.show()
+    window.tags_dock.raise_()
+    window.tags.search.setFocus()
+    mask_state = window.mask_action.isChecked()
+    qtbot.keyClicks(window.tags.search, "m")
+    assert window.tags.search.text() == "m"
+    assert window.mask_action.isChecked() == mask_state

@@ -125,6 +125,7 @@ class MainWindow(QMainWindow):
         self._nav_files: list[Path] = []
         self._batch_dialog: BatchDialog | None = None
         self._closing = False
+        self._heatmap_failed = False
 
         self.viewer = ImageViewerWidget(self)
         self.setCentralWidget(self.viewer)
@@ -376,6 +377,7 @@ class MainWindow(QMainWindow):
         self.window_combo.setToolTip("Window/level preset (right-drag on the image to adjust)")
         self.window_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         self.window_combo.activated.connect(self._on_window_combo_activated)
+        self.window_combo.setPlaceholderText("Custom window")
         toolbar.addWidget(self.window_combo)
         toolbar.addAction(self.reset_window_action)
         toolbar.addSeparator()
@@ -586,6 +588,7 @@ class MainWindow(QMainWindow):
                 "The image is still shown; try another image or another model bundle.",
             )
         elif step.kind == "heatmap_failed":
+            self._heatmap_failed = True
             self.results.set_heatmap_status(f"The heatmap could not be computed: {step.value}")
 
     @staticmethod
@@ -638,6 +641,7 @@ class MainWindow(QMainWindow):
     def _show_analysis(self, step: Step) -> None:
         analysis = step.value
         self.analysis = analysis
+        self._heatmap_failed = False
         self.results.show_analysis(analysis)
         self.viewer.set_mask(analysis.lesion_mask)
         if self._with_heatmap:
@@ -666,7 +670,22 @@ class MainWindow(QMainWindow):
         self._pending_path = None
         if self.results.is_busy():
             self.results.set_busy(False)
+        self._note_interrupted_heatmap()
         self.image_job_finished.emit()
+
+    def _note_interrupted_heatmap(self) -> None:
+        # A job replaced before its heatmap (a newer file that failed to open, a model switch)
+        # leaves the image on screen without one: say so rather than "computing" forever.
+        if (
+            self._with_heatmap
+            and self.analysis is not None
+            and self.viewer.heatmap() is None
+            and not self._heatmap_failed
+        ):
+            self.results.set_status("Analysis done; the heatmap was interrupted.")
+            self.results.set_heatmap_status(
+                "Interrupted: Analysis ▸ Analyse Again (F5) computes it."
+            )
 
     # ----------------------------------------------------------------------------------------
     # Errors
@@ -703,6 +722,8 @@ class MainWindow(QMainWindow):
         )
 
     def _on_viewer_window_changed(self, centre: float, width: float, source: str) -> None:
+        if self.viewer.window().name == "Custom":
+            self.window_combo.setCurrentIndex(-1)  # shows the placeholder: "Custom window"
         if source == "display":
             self.window_label.setText(f"W {width * 100:.0f}% L {centre * 100:.0f}%")
         else:

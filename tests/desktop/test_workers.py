@@ -119,3 +119,17 @@ def test_closing_waits_for_the_workers(make_window, qtbot, format_files):
     assert QThreadPool.globalInstance().activeThreadCount() == 0
     # The heatmap step never started: quit() stopped the job at the step after the analysis.
     assert window.viewer.heatmap() is None
+
+
+def test_a_failed_open_during_the_heatmap_keeps_the_image_and_says_so(
+    make_window, qtbot, format_files, bad_files
+):
+    window = make_window(analyzer=SlowAnalyzer())
+    with qtbot.waitSignal(window.analysis_shown, timeout=20000):
+        window.open_paths([str(format_files["png"])])
+    shown = window.mammogram
+    with qtbot.waitSignal(window.image_job_finished, timeout=20000):
+        window.open_paths([str(bad_files["text"])])  # supersedes the running heatmap
+    assert window.mammogram is shown and window.analysis is not None
+    assert window.viewer.heatmap() is None
+    assert "interrupted" in window.results.status_text()

@@ -121,7 +121,7 @@ class ImageViewerWidget(QGraphicsView):
         self._wl_timer = QTimer(self)
         self._wl_timer.setSingleShot(True)
         self._wl_timer.setInterval(WL_RENDER_INTERVAL)
-        self._wl_timer.timeout.connect(self._render_image)
+        self._wl_timer.timeout.connect(self._render_preview)
 
     def _add_pixmap_item(self, z: float) -> QGraphicsPixmapItem:
         item = QGraphicsPixmapItem()
@@ -217,15 +217,32 @@ class ImageViewerWidget(QGraphicsView):
     def _source_range(self, source: str) -> tuple[float, float]:
         return self._raw_range if source == "raw" and self._raw is not None else (0.0, 1.0)
 
-    def _render_image(self) -> None:
+    def _render_image(self, preview: bool = False) -> None:
+        """Grey levels through the current window into the image item.
+
+        ``preview`` (while right-dragging): when zoomed out, render only every n-th pixel,
+        n screen-pixel-sized, and scale the item up by n, so the window follows the mouse on a
+        13-megapixel image; the release renders the full image again.
+        """
         if self._pixels is None:
             return
         source = self._window.source if self._raw is not None else "display"
         lo, hi = self._source_range(source)
         invert = self._inverted != (source == "raw" and self._raw_inverted)
         lut = render.window_lut(self._window.centre, self._window.width, lo, hi, invert)
-        self._rendered = render.grey_image(self._index(source), lut)
+        index = self._index(source)
+        step = max(1, math.floor(1.0 / self.zoom())) if preview else 1
+        if step > 1:
+            shown = render.grey_image(np.ascontiguousarray(index[::step, ::step]), lut)
+            self._image_item.setPixmap(QPixmap.fromImage(shown.image))
+            self._image_item.setScale(step)
+            return
+        self._rendered = render.grey_image(index, lut)
         self._image_item.setPixmap(QPixmap.fromImage(self._rendered.image))
+        self._image_item.setScale(1.0)
+
+    def _render_preview(self) -> None:
+        self._render_image(preview=True)
 
     # ----------------------------------------------------------------------------------------
     # Window / level, invert, flip

@@ -170,3 +170,22 @@ def test_overlay_shape_must_match_the_image(viewer):
     viewer.set_image(ramp(100, 80))
     with pytest.raises(ValueError, match="differs"):
         viewer.set_mask(np.zeros((80, 100), bool))
+
+
+def test_dragging_the_window_previews_coarsely_then_renders_in_full(viewer, qtbot):
+    viewer.set_image(ramp(3000, 2000))  # zoomed out to about a quarter
+    assert viewer.zoom() < 0.5
+    port = viewer.viewport()
+    send_mouse(port, QEvent.Type.MouseButtonPress, QPointF(300, 400), Qt.MouseButton.RightButton)
+    send_mouse(
+        port, QEvent.Type.MouseMove, QPointF(250, 400), Qt.MouseButton.NoButton,
+        Qt.MouseButton.RightButton,
+    )  # fmt: skip
+    item = viewer.image_item()
+    qtbot.waitUntil(lambda: item.scale() > 1.0, timeout=2000)
+    step = item.scale()
+    assert item.pixmap().width() == -(-2000 // int(step))  # every step-th column
+    assert item.sceneBoundingRect().width() == pytest.approx(2000, abs=step)
+    send_mouse(port, QEvent.Type.MouseButtonRelease, QPointF(250, 400), Qt.MouseButton.RightButton)
+    assert item.scale() == 1.0 and item.pixmap().width() == 2000
+    assert viewer.window().width == pytest.approx(1.0 - 50 / 600)

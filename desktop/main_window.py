@@ -124,7 +124,6 @@ class MainWindow(QMainWindow):
         self._pending_path: Path | None = None
         self._nav_files: list[Path] = []
         self._batch_dialog: BatchDialog | None = None
-        self._closing = False
         self._heatmap_failed = False
 
         self.viewer = ImageViewerWidget(self)
@@ -994,7 +993,6 @@ class MainWindow(QMainWindow):
     # Closing
 
     def closeEvent(self, event: QCloseEvent) -> None:
-        self._closing = True
         self._save_window_settings()
         if self._batch_dialog is not None:
             self._batch_dialog.cancel()

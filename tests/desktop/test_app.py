@@ -94,3 +94,19 @@ def test_texts_are_shipped(name):
     from core.paths import resources_dir
 
     assert (resources_dir() / "texts" / name).stat().st_size > 200
+
+
+def test_the_desktop_never_loads_tensorflow_or_keras():
+    code = (
+        "import sys\n"
+        "import desktop.app, desktop.main_window, desktop.batch, desktop.workers\n"
+        "import core.inference, core.batch\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, QT_QPA_PLATFORM="offscreen"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

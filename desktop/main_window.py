@@ -721,8 +721,8 @@ class MainWindow(QMainWindow):
         )
 
     def _on_viewer_window_changed(self, centre: float, width: float, source: str) -> None:
-        if self.viewer.window().name == "Custom":
-            self.window_combo.setCurrentIndex(-1)  # shows the placeholder: "Custom window"
+        # A preset's name selects it; a dragged window matches none and shows the placeholder.
+        self.window_combo.setCurrentIndex(self.window_combo.findText(self.viewer.window().name))
         if source == "display":
             self.window_label.setText(f"W {width * 100:.0f}% L {centre * 100:.0f}%")
         else:
@@ -735,6 +735,8 @@ class MainWindow(QMainWindow):
         self.window_combo.clear()
         for preset in self.viewer.window_presets():
             self.window_combo.addItem(preset.name, preset)
+        # With a placeholder set, QComboBox selects nothing by itself.
+        self.window_combo.setCurrentIndex(self.window_combo.findText(self.viewer.window().name))
         self.window_combo.setEnabled(self.viewer.has_image())
 
     def _rebuild_window_menu(self) -> None:

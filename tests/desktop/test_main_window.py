@@ -236,3 +236,17 @@ def test_single_key_shortcuts_reach_the_actions(make_window, qtbot, format_files
     qtbot.keyClicks(window.tags.search, "m")
     assert window.tags.search.text() == "m"
     assert window.mask_action.isChecked() == mask_state
+
+
+def test_window_preset_box_follows_the_viewer(make_window, qtbot, format_files):
+    window = make_window()
+    open_and_wait(qtbot, window, format_files["dcm"])
+    combo = window.window_combo
+    assert combo.currentText() == window.viewer.window_presets()[0].name
+    window.viewer.set_window(0.3, 0.4)
+    assert combo.currentIndex() == -1  # "Custom window"
+    window.reset_window_action.trigger()
+    assert combo.currentIndex() == 0
+    last = window.viewer.window_presets()[-1]
+    combo.activated.emit(combo.count() - 1)
+    assert window.viewer.window() == last and combo.currentText() == last.name

@@ -470,6 +470,9 @@ def load_lite0_imagenet(model: keras.Model, path: str | Path | None = None) -> k
                 f"{path.name} is not an EfficientNet-Lite0 checkpoint: no {exc}"
             ) from None
         expected = [tuple(w.shape) for w in layer.get_weights()]
+        if kind == "dense" and [w.shape for w in weights] != expected:
+            log.info("%s has its own classifier; ImageNet's 1000-way one is not loaded", net.name)
+            continue
         if [w.shape for w in weights] != expected:
             raise ValueError(
                 f"{path.name}: {prefix} has shapes {[w.shape for w in weights]}, "
@@ -477,9 +480,7 @@ def load_lite0_imagenet(model: keras.Model, path: str | Path | None = None) -> k
             )
         layer.set_weights(weights)
         used.update(k for k in state if k.startswith(f"{prefix}."))
-    unused = sorted(
-        set(state) - used - ({"_fc.weight", "_fc.bias"} if "_fc.weight" in state else set())
-    )
+    unused = sorted(set(state) - used - {"_fc.weight", "_fc.bias"})
     if unused:
         raise ValueError(f"{path.name} has tensors this Lite0 does not use: {unused[:5]}")
     record_pretrained(

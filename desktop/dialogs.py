@@ -162,7 +162,7 @@ class DisclaimerDialog(QDialog):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.setWindowTitle("MammoLab — before you start")
-        self.resize(560, 420)
+        self.resize(560, 360)
         browser = QTextBrowser()
         browser.setMarkdown(read_text("disclaimer.md"))
         self.understood = QCheckBox("I understand: MammoLab is not for diagnosis.")

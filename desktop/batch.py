@@ -249,9 +249,10 @@ class BatchDialog(QDialog):
         self.export_button.setEnabled(False)
         self._started = time.perf_counter()
         worker = thread_worker(batch_job, start_thread=False)(bundle_path, self._files)
-        worker.yielded.connect(self._on_worker_yielded)
-        worker.errored.connect(self._on_worker_errored)
-        worker.finished.connect(self._on_worker_finished)
+        # A cancelled run may still deliver its file in progress: only the current run counts.
+        worker.yielded.connect(lambda item, w=worker: self._on_worker_yielded(w, item))
+        worker.errored.connect(lambda exc, w=worker: self._on_worker_errored(w, exc))
+        worker.finished.connect(lambda w=worker: self._on_worker_finished(w))
         self._worker = worker
         worker.start()
 
@@ -275,7 +276,9 @@ class BatchDialog(QDialog):
 
         return write_csv(self.model.rows(), path)
 
-    def _on_worker_yielded(self, item) -> None:
+    def _on_worker_yielded(self, worker, item) -> None:
+        if worker is not self._worker:
+            return
         kind, row = item
         if kind == "loaded":
             self._started = time.perf_counter()
@@ -293,7 +296,9 @@ class BatchDialog(QDialog):
             self.eta_label.setText(f"ETA {format_seconds(elapsed / done * (total - done))}")
         self.export_button.setEnabled(True)
 
-    def _on_worker_errored(self, exc: Exception) -> None:
+    def _on_worker_errored(self, worker, exc: Exception) -> None:
+        if worker is not self._worker:
+            return
         # The model failed to load (a core.batch run itself never raises for a bad file).
         log.warning("batch could not run: %s", exc)
         self.eta_label.setText("")
@@ -307,7 +312,9 @@ class BatchDialog(QDialog):
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         box.open()
 
-    def _on_worker_finished(self) -> None:
+    def _on_worker_finished(self, worker) -> None:
+        if worker is not self._worker:
+            return
         self._worker = None
         self.cancel_button.setEnabled(False)
         done, total = len(self.model.rows()), len(self._files)

@@ -111,3 +111,21 @@ def test_cancel_stops_the_run(make_window, qtbot, analyzer, tmp_path, mias_dir):
     assert not dialog.is_running() and dialog.export_button.isEnabled()
     qtbot.wait(300)
     assert len(dialog.rows()) == done  # nothing arrives after the cancel
+
+
+def test_a_new_run_replaces_a_running_one(make_window, qtbot, analyzer, tmp_path, mias_dir):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for film in sorted(mias_dir.glob("mdb*.png"))[:8]:
+        shutil.copy(film, first / film.name)
+    for film in sorted(mias_dir.glob("mdb*.png"))[8:10]:
+        shutil.copy(film, second / film.name)
+    window = make_window(analyzer=analyzer)
+    dialog = window.classify_folder(first)
+    qtbot.waitUntil(lambda: len(dialog.rows()) >= 1, timeout=60000)
+    assert window.classify_folder(second) is dialog
+    with qtbot.waitSignal(dialog.batch_finished, timeout=60000):
+        pass
+    qtbot.wait(300)
+    assert sorted(r.path.parent for r in dialog.rows()) == [second, second]

@@ -802,6 +802,8 @@ def convert_to_tflite(model: keras.Model, *, batch_size: int = 1) -> bytes:
     concrete = tf.function(serve).get_concrete_function(*specs)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
     converter.experimental_lower_to_saved_model = False
+    # Built-in ops only: the app's LiteRT runtime has no TensorFlow (Flex) kernels.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter.convert()
 
 

@@ -108,6 +108,7 @@ class ImageViewerWidget(QGraphicsView):
         self._fit_mode = True
 
         self._mask: np.ndarray | None = None
+        self._fill_stale = False
         self._mask_visible = True
         self._mask_mode = MASK_OUTLINE
         self._mask_colour = QColor(255, 64, 64)
@@ -461,7 +462,8 @@ class ImageViewerWidget(QGraphicsView):
             self._mask_fill_item.setPixmap(QPixmap())
             self._mask_outline_item.setPath(QPainterPath())
         else:
-            self._render_mask_fill()
+            self._fill_stale = True  # rendered when first shown: outline mode never needs it
+            self._mask_fill_item.setPixmap(QPixmap())
             self._mask_outline_item.setPath(render.mask_outline(mask))
             self._style_outline()
         self._update_overlay_visibility()
@@ -474,6 +476,7 @@ class ImageViewerWidget(QGraphicsView):
             return
         fill = render.mask_image(self._mask, self._mask_colour)
         self._mask_fill_item.setPixmap(QPixmap.fromImage(fill.image))
+        self._fill_stale = False
 
     def _style_outline(self) -> None:
         pen = QPen(self._mask_colour)
@@ -492,7 +495,7 @@ class ImageViewerWidget(QGraphicsView):
             self._mask_mode = MASK_FILL if mode == MASK_FILL else MASK_OUTLINE
         if colour is not None and QColor(colour) != self._mask_colour:
             self._mask_colour = QColor(colour)
-            self._render_mask_fill()
+            self._fill_stale = True
             self._style_outline()
         if opacity is not None:
             self._mask_opacity = min(max(float(opacity), 0.0), 1.0)
@@ -547,6 +550,8 @@ class ImageViewerWidget(QGraphicsView):
 
     def _update_overlay_visibility(self) -> None:
         has_mask = self._mask is not None
+        if has_mask and self._mask_visible and self._mask_mode == MASK_FILL and self._fill_stale:
+            self._render_mask_fill()
         self._mask_fill_item.setVisible(
             has_mask and self._mask_visible and self._mask_mode == MASK_FILL
         )

@@ -157,11 +157,24 @@ def test_mask_overlay_sits_on_the_image_pixels(viewer):
     image = item.pixmap().toImage()
     inside = item.mapFromScene(QPointF(25.5, 35.5))
     outside = item.mapFromScene(QPointF(45.5, 35.5))
-    assert QColor.fromRgba(image.pixel(int(inside.x()), int(inside.y()))).alpha() > 0
+    assert QColor.fromRgba(image.pixel(int(inside.x()), int(inside.y()))).getRgb() == (
+        0,
+        255,
+        0,
+        255,
+    )
     assert QColor.fromRgba(image.pixel(int(outside.x()), int(outside.y()))).alpha() == 0
     outline = viewer.mask_outline_item()
     assert not outline.isVisible()  # fill mode shows the fill only
     assert outline.path().contains(QPointF(25.5, 35.5))
+    viewer.set_mask_style(colour=QColor(0, 0, 255))  # a new colour re-renders the fill
+    image = item.pixmap().toImage()
+    assert QColor.fromRgba(image.pixel(int(inside.x()), int(inside.y()))).getRgb() == (
+        0,
+        0,
+        255,
+        255,
+    )
     viewer.set_mask_visible(False)
     assert not item.isVisible()
 

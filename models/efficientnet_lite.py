@@ -338,9 +338,12 @@ def lite0_imagenet_weights_path() -> Path:
 
 
 def find_lite0(model: keras.Model) -> list[keras.Model]:
-    """Find the EfficientNet-Lite0 networks in ``model`` (itself or nested at any depth).
+    """Find the EfficientNet networks in ``model`` (itself or nested at any depth).
 
-    A Lite0 network is recognised by having layers named ``stem_conv`` and ``top_conv``.
+    A network is recognised by having layers named ``stem_conv`` and ``top_conv``, which both
+    :func:`build_efficientnet_lite0` and ``keras.applications``' EfficientNets use; so the
+    B0 backbone is found too, and :func:`freeze_lite0` freezes it. :func:`unfreeze_lite0_top`
+    and :func:`load_lite0_imagenet` act on Lite0 networks only.
     """
 
     def walk(m: keras.Model) -> Iterator[keras.Model]:
@@ -355,8 +358,12 @@ def find_lite0(model: keras.Model) -> list[keras.Model]:
     return list(walk(model))
 
 
+def _is_lite0(net: keras.Model) -> bool:
+    return {"stem_conv", "block0_dwconv", "top_conv"} <= {layer.name for layer in net.layers}
+
+
 def _single_lite0(model: keras.Model) -> keras.Model:
-    found = find_lite0(model)
+    found = [net for net in find_lite0(model) if _is_lite0(net)]
     if len(found) != 1:
         raise ValueError(
             f"expected one EfficientNet-Lite0 in model {model.name!r}, found {len(found)}"
@@ -533,6 +540,11 @@ def unfreeze_lite0_top(model: keras.Model, n_blocks: int, *, train_batchnorm: bo
         raise ValueError(f"n_blocks must be in [0, {LITE0_NUM_BLOCKS + 1}], got {n_blocks}")
     first = LITE0_NUM_BLOCKS - n_blocks
     for net in find_lite0(model):
+        if not _is_lite0(net):
+            raise ValueError(
+                f"{net.name} is not an EfficientNet-Lite0 from this module; its blocks are "
+                "named differently"
+            )
         net.trainable = True
         for layer in net.layers:
             index = _lite0_block_index(layer.name)

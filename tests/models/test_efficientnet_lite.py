@@ -126,6 +126,15 @@ def test_b0_backbone_loads_a_user_weights_file(tmp_path):
     x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
     np.testing.assert_allclose(loaded(x), random_b0(x), atol=1e-5)
     assert "b0_notop.weights.h5" in lite.pretrained_weights(loaded)["efficientnetb0"]
+    # Keras' B0 names its stem and head like Lite0: found and frozen alike, but only Lite0's
+    # blocks can be unfrozen or loaded by the Lite0 helpers.
+    assert [net.name for net in lite.find_lite0(loaded)] == ["efficientnetb0"]
+    lite.freeze_lite0(loaded)
+    assert loaded.trainable_weights == []
+    with pytest.raises(ValueError, match="not an EfficientNet-Lite0"):
+        lite.unfreeze_lite0_top(loaded, 2)
+    with pytest.raises(ValueError, match="found 0"):
+        lite.load_lite0_imagenet(loaded)
 
 
 # -- the checkpoint reader ----------------------------------------------------------------------

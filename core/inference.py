@@ -354,4 +354,5 @@ class Analyzer:
         if peak > 0:
             heat /= peak
         heat = cv2.GaussianBlur(heat, (0, 0), cell / 4)
-        return np.clip(x["global_t"].to_original(heat), 0.0, 1.0)
+        # Inside the breast only: the letterbox's edges would otherwise show as hard lines.
+        return np.clip(x["global_t"].to_original(heat), 0.0, 1.0) * x["mask"]

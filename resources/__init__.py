@@ -1,0 +1,1 @@
+"""Icons, texts and sample images, found through core.paths.resources_dir()."""

@@ -179,7 +179,7 @@ class ResultsWidget(QWidget):
         layout.addStretch(1)
 
     def _mask_controls(self) -> QGroupBox:
-        box = QGroupBox("Lesion mask (U-Net)")
+        box = QGroupBox("Lesion mask (segmenter)")
         form = QFormLayout(box)
         self.mask_check = QCheckBox("Show")
         self.mask_check.setChecked(True)

@@ -83,7 +83,8 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
                 "patch scan (top cells of the segmenter)": reports["patch_scan"],
             },
             "segmenter": seg,
-            "temperature_fitted_on": "the out-of-fold probabilities of the same cross-validation",
+            "calibration": evaluation.get("calibration", {
+                "method": "temperature fitted on the out-of-fold probabilities"}),
         },
         "training_data": [MIAS],
         "limitations": [

@@ -388,6 +388,53 @@ def segmentation_maps(films: Films, probs: np.ndarray, cfg: RecipeConfig, idx: n
 # -- the whole run ----------------------------------------------------------------------------
 
 
+def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Reports, plots and the comparison table from a run's out-of-fold predictions.
+
+    The calibrated figures use a cross-fitted temperature: each fold's predictions are scaled
+    by the temperature fitted on the other folds' out-of-fold predictions, so no figure is
+    calibrated on the patients it is measured on. The shipped temperature is fitted on all
+    out-of-fold predictions.
+    """
+    from models import evaluation as ev
+    from models import plots
+
+    oof = json.loads((out / "oof_predictions.json").read_text())
+    y = np.asarray(oof["labels"])
+    groups = np.asarray(oof["patients"])
+    folds = np.asarray(oof["folds"])
+    probs = {k: np.asarray(oof[k]) for k in ("lesion_multibranch", "seed_multibranch", "patch_scan")}
+    reports = {name: ev.classification_report(y, p, CLASSES, groups=groups, seed=seed)
+               for name, p in probs.items()}
+    ours = probs["lesion_multibranch"]
+    calibrated = np.zeros_like(ours)
+    fold_t = []
+    for k in np.unique(folds):
+        t = ev.fit_temperature(ours[folds != k], y[folds != k])
+        fold_t.append(float(t))
+        calibrated[folds == k] = ev.apply_temperature(ours[folds == k], t)
+    temperature = float(ev.fit_temperature(ours, y))
+    reports["lesion_multibranch_calibrated"] = ev.classification_report(
+        y, calibrated, CLASSES, groups=groups, seed=seed)
+    calibration = {
+        "shipped_temperature": temperature, "cross_fitted_per_fold": fold_t,
+        "method": "each fold scaled by the temperature fitted on the other folds' out-of-fold "
+                  "predictions; the shipped temperature is fitted on all of them"}
+    plots.plot_confusion_matrix(reports["lesion_multibranch_calibrated"]["confusion_matrix"], CLASSES,
+                                out / "confusion_matrix.png")
+    plots.plot_roc_curves(y, calibrated, CLASSES, out / "roc_curves.png")
+    plots.plot_reliability(y, calibrated, out / "reliability.png")
+    hist_path = out / "histories.json"
+    if hist_path.exists():
+        plots.plot_learning_curves(json.loads(hist_path.read_text())[0], out / "learning_curves.png")
+    table = ev.compare_table({"lesion-aware multi-branch (ours)": reports["lesion_multibranch_calibrated"],
+                              "seed-style whole-image multi-branch": reports["seed_multibranch"],
+                              "patch scan (top cells)": reports["patch_scan"]})
+    (out / "comparison.md").write_text(table)
+    print(table, flush=True)
+    return reports, temperature, calibration
+
+
 def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         every: int = 1) -> dict[str, Any]:
     import keras
@@ -442,12 +489,9 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         print(f"fold {fold + 1}/{cfg.folds}: {time.perf_counter() - tf0:.0f}s", flush=True)
         keras.backend.clear_session()
 
-    reports = {name: ev.classification_report(y, p, CLASSES, groups=films.patients, seed=cfg.seed)
-               for name, p in oof.items()}
-    temperature = ev.fit_temperature(oof["lesion_multibranch"], y)
-    calibrated = ev.apply_temperature(oof["lesion_multibranch"], temperature)
-    reports["lesion_multibranch_calibrated"] = ev.classification_report(
-        y, calibrated, CLASSES, groups=films.patients, seed=cfg.seed)
+    fold_of = np.zeros(n, np.int64)
+    for fold, (_, te) in enumerate(splits):
+        fold_of[np.asarray(te)] = fold
     # Segmenter on held-out films with drawn lesions.
     lesion_films = np.array([i for i in range(n) if films.canvas_lesion[i].any()])
     maps = segmentation_maps(films, oof_cells, cfg, lesion_films)
@@ -469,21 +513,11 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
                   "method": "out-of-fold cell maps upsampled to the canvas, thresholded at "
                             f"{threshold} (the best mean Dice on these same out-of-fold maps); "
                             "truth: MIAS lesion circles"}
-    from models import plots
-
     (out / "oof_predictions.json").write_text(json.dumps(
         {"names": films.names, "patients": films.patients.tolist(), "labels": y.tolist(),
-         **{k: v.tolist() for k, v in oof.items()}}))
-    plots.plot_confusion_matrix(reports["lesion_multibranch_calibrated"]["confusion_matrix"], CLASSES,
-                                out / "confusion_matrix.png")
-    plots.plot_roc_curves(y, calibrated, CLASSES, out / "roc_curves.png")
-    plots.plot_reliability(y, calibrated, out / "reliability.png")
-    plots.plot_learning_curves(histories[0], out / "learning_curves.png")
-    table = ev.compare_table({"lesion-aware multi-branch (ours)": reports["lesion_multibranch_calibrated"],
-                              "seed-style whole-image multi-branch": reports["seed_multibranch"],
-                              "patch scan (top cells)": reports["patch_scan"]})
-    (out / "comparison.md").write_text(table)
-    print(table, flush=True)
+         "folds": fold_of.tolist(), **{k: v.tolist() for k, v in oof.items()}}))
+    (out / "histories.json").write_text(json.dumps(histories))
+    reports, temperature, calibration = evaluate_oof(out, cfg.seed)
 
     # Final models on all films.
     seg_head = train_segmenter_head(feats, films.cell_labels, cfg, cfg.seed)
@@ -498,6 +532,7 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     classifier.save(out / "classifier.keras")
     segmenter.save(out / "segmenter.keras")
     summary = {"reports": reports, "segmenter": seg_report, "temperature": float(temperature),
+               "calibration": calibration,
                "final_history": final_hist, "seconds": time.perf_counter() - t_start,
                "n_films": n, "n_patients": int(len(set(films.patients)))}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,13 @@ from typing import Any
 
 USAGE_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError)  # DatasetError,
 # ImageReadError and the export's RunError are ValueErrors
+
+
+class _QuietRetracing(logging.Filter):
+    """Drop TensorFlow's retracing notice: each fold's fresh model traces its own functions."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
 
 
 def _echo(line: str) -> None:
@@ -272,6 +280,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 def main(cmd: str, argv: list[str]) -> int:
     """Run ``mammolab <cmd> <argv...>``; returns the exit code (argparse's own exits included)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    tf_log = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _QuietRetracing) for f in tf_log.filters):
+        tf_log.addFilter(_QuietRetracing())
     if cmd not in COMMANDS:
         print(f"mammolab: unknown command {cmd!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

@@ -357,8 +357,8 @@ def record_key(record: Record, root: Path) -> str:
 def select_stratified(records: Sequence[Record], n: int, seed: int) -> list[Record]:
     """``n`` records drawn without replacement keeping the class proportions, in input order.
 
-    Every class present keeps at least one record when ``n`` allows; the shares are rounded by
-    largest remainder.
+    The shares are rounded by largest remainder; when ``n`` allows, a class that would get none
+    gets one, taken from the largest share.
     """
     if n >= len(records):
         return list(records)
@@ -366,15 +366,14 @@ def select_stratified(records: Sequence[Record], n: int, seed: int) -> list[Reco
     labels = np.array([r.label_index for r in records])
     present = np.unique(labels)
     counts = np.array([(labels == c).sum() for c in present])
-    quota = np.minimum(counts, 1) if n >= len(present) else np.zeros_like(counts)
-    share = counts / counts.sum() * (n - quota.sum())
-    quota = quota + np.floor(share).astype(int)
-    for j in np.argsort(-(share - np.floor(share)), kind="stable"):
-        if quota.sum() >= n:
-            break
-        if quota[j] < counts[j]:
-            quota[j] += 1
-    quota = np.minimum(quota, counts)
+    exact = counts / counts.sum() * n
+    quota = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - quota), kind="stable")[: n - quota.sum()]:
+        quota[j] += 1
+    if n >= len(present):
+        for j in np.flatnonzero(quota == 0):
+            quota[np.argmax(quota)] -= 1
+            quota[j] = 1
     picked = []
     for c, q in zip(present, quota, strict=True):
         members = np.flatnonzero(labels == c)
@@ -445,6 +444,27 @@ def _inner_split(records: Sequence[Record], idx: np.ndarray, fraction: float, se
 
 
 def make_splits(records: Sequence[Record], cfg: TrainConfig) -> dict[str, Any]:
+    """Index arrays of every side (see :func:`_make_splits`).
+
+    Raises
+    ------
+    DatasetError
+        When there are too few patients (of a class) for the split asked for.
+    """
+    try:
+        return _make_splits(records, cfg)
+    except DatasetError:
+        raise
+    except ValueError as exc:  # scikit-learn's splitter on too few members
+        n_patients = len({r.patient_id for r in records})
+        how = f"{cfg.folds} folds" if cfg.folds else "test, validation and training patients"
+        raise DatasetError(
+            f"{len(records)} images of {n_patients} patients are too few to split into {how} "
+            f"({exc})"
+        ) from None
+
+
+def _make_splits(records: Sequence[Record], cfg: TrainConfig) -> dict[str, Any]:
     """Index arrays of every side: ``{"kind": "holdout", "train", "val", "test"}`` or
     ``{"kind": "cross-validation", "folds": [{"train", "val", "test"}], "final": {"train", "val"}}``.
 
@@ -629,7 +649,7 @@ def fit_model(
     -------
     dict
         The history: ``series`` (loss, metric, val_loss, val_metric, learning_rate per epoch),
-        ``phase`` and ``seconds`` per epoch, ``phases`` (epochs run, learning rate, trainable
+        ``phase``, ``steps`` and ``seconds`` per epoch, ``phases`` (epochs run, learning rate, trainable
         parameters, what of the backbone trains), ``best_epoch`` and ``best_val_loss`` (1-based).
     """
     segmenter = cfg.segmenter
@@ -650,7 +670,7 @@ def fit_model(
     series: dict[str, list[float]] = {"loss": [], metric: [], "val_loss": [], f"val_{metric}": [],
                                       "learning_rate": []}
     history: dict[str, Any] = {"name": label or "training", "series": series, "phase": [],
-                               "seconds": [], "phases": [], "best_epoch": None,
+                               "steps": [], "seconds": [], "phases": [], "best_epoch": None,
                                "best_val_loss": None, "checkpoint": checkpoint.name}
     best_loss, best_weights, epoch = math.inf, None, 0
     prefix = f"{label} " if label else ""
@@ -698,6 +718,7 @@ def fit_model(
                 series[key].append(v)
             series["learning_rate"].append(lr)
             history["phase"].append(phase)
+            history["steps"].append(math.ceil(len(rows) / cfg.batch_size))
             history["seconds"].append(round(seconds, 3))
             history["phases"][-1]["epochs_run"] += 1
             improved = values[2] < best_loss  # NaN never improves
@@ -756,8 +777,8 @@ def _check_out(out: Path) -> None:
 def plan_run(cfg: TrainConfig, command: list[str] | None = None, echo: Echo | None = None) -> RunPlan:
     """Check everything that depends on the user's input before any training starts.
 
-    Loads the dataset, draws the ``limit`` subset, reads and prepares every image, makes the
-    patient splits and builds the model once (so bad builder parameters fail here).
+    Builds the model once (so bad builder parameters fail here), loads the dataset, draws the
+    ``limit`` subset, makes the patient splits, and reads and prepares every image.
 
     Raises
     ------
@@ -769,14 +790,16 @@ def plan_run(cfg: TrainConfig, command: list[str] | None = None, echo: Echo | No
     out = Path(cfg.out) if cfg.out else default_out(cfg.arch)
     _check_out(out)
     root = Path(cfg.data)
+    if not root.is_dir():  # before building: that can take a while
+        raise DatasetError(f"not a folder: {root}")
+    model = build_model(cfg, cfg.seed)
+    pretrained = pretrained_weights(model)
     records = load_dataset(root)
     if not records:
         raise DatasetError(f"no images found in {root}")
     if cfg.limit is not None:
         records = select_stratified(records, cfg.limit, cfg.seed)
     splits = make_splits(records, cfg)
-    model = build_model(cfg, cfg.seed)
-    pretrained = pretrained_weights(model)
     if echo is not None:
         n_patients = len({r.patient_id for r in records})
         echo(f"{cfg.arch}: {len(records)} images of {n_patients} patients from {root}; "
@@ -1058,12 +1081,14 @@ def _evaluate_classifier(inp: EvaluationInputs, pred: dict[str, Any]) -> dict[st
                        "labels": val_y, "probabilities": pred["val"]},
     })
     n_val_patients = len(set(data.patients[pred["val_rows"]].tolist()))
+    where = ("the folds' validation splits" if inp.split.get("kind") == "cross-validation"
+             else "the validation split")
     return {
         "kind": "classifier",
         "held_out": pred["held_out"],
         "report": report,
         "temperature": temperature,
-        "temperature_fitted_on": (f"the validation split ({len(val_y)} predictions of "
+        "temperature_fitted_on": (f"{where} ({len(val_y)} predictions of "
                                   f"{n_val_patients} patients), never the held-out images"),
         "report_after_temperature": report_t,
         "plots": pngs,

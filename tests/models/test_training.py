@@ -1,0 +1,280 @@
+"""``mammolab train / evaluate / export`` on real MIAS films: tiny runs of a few steps that write
+the whole run folder, evaluate on held-out patients only, fine-tune EfficientNet in two phases,
+train the U-Net on the truth masks, and answer bad input with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tensorflow")
+
+from core.cli import main  # noqa: E402
+from models import training  # noqa: E402
+from models.architectures import build  # noqa: E402
+from models.data import Record  # noqa: E402
+
+PROGRESS = re.compile(
+    r"^(?:\S+ \S+ )?epoch (\d+)/(\d+) phase ([12]) loss [\d.]+ (acc|dice) [\d.]+ "
+    r"val_loss [\d.]+ val_(acc|dice) [\d.]+ [\d.]+s( \*)?$"
+)
+SMALL = ["--input-size", "64", "--n-boot", "20"]
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _sides(split: dict) -> dict[str, set[str]]:
+    return {side: set(split[side]["patients"]) for side in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="module")
+def narrow_run(tmp_path_factory, mias_dir):
+    """One smoke run of the narrower CNN through the CLI; epochs come from a config file that
+    the --epochs flag overrides."""
+    root = tmp_path_factory.mktemp("narrow")
+    config = root / "train.json"
+    config.write_text(json.dumps({"arch": "narrower_cnn", "epochs": 5, "batch-size": 4,
+                                  "balance": "sampling"}))
+    out = root / "run"
+    capture = {}
+
+    def run(capsys):
+        if not capture:
+            rc = main(["train", "--config", str(config), "--data", str(mias_dir), "--epochs", "1",
+                       "--max-steps", "2", "--limit", "12", "--out", str(out), *SMALL])
+            capture.update(rc=rc, out=capsys.readouterr().out)
+        return out, capture
+
+    return run
+
+
+def test_train_smoke_writes_the_run_folder(narrow_run, capsys):
+    out, run = narrow_run(capsys)
+    assert run["rc"] == 0, run["out"]
+    for name in ("config.json", "split.json", "history.json", "best.keras", "evaluation.json",
+                 "predictions.json", "learning_curves.png", "confusion_matrix.png",
+                 "roc_curves.png", "reliability.png"):
+        assert (out / name).is_file(), name
+    lines = [line for line in run["out"].splitlines() if PROGRESS.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/1 phase 1 ")  # one line per epoch
+    assert "time taken:" in run["out"]
+
+    config = _json(out / "config.json")
+    settings = config["settings"]
+    assert settings["epochs"] == 1  # the flag beats the config file's 5
+    assert settings["batch_size"] == 4 and settings["balance"] == "sampling"  # from the file
+    assert settings["input_size"] == config["preprocessing"]["input_size"] == 64
+    assert config["pretrained"] is False and config["pretrained_weights"] == {}
+    assert config["seed"] == 0 and config["versions"]["keras"] == keras.__version__
+    assert config["dataset"]["n_images"] == 12
+
+    history = _json(out / "history.json")["trainings"][0]
+    assert history["phase"] == [1] and history["steps"] == [2]  # --max-steps caps the epoch
+    assert history["best_epoch"] == 1
+
+    loaded = keras.models.load_model(out / "best.keras", compile=False)
+    assert loaded.output.shape[-1] == 3
+
+
+def test_evaluation_uses_held_out_patients_only(narrow_run, capsys):
+    out, run = narrow_run(capsys)
+    split = _json(out / "split.json")
+    sides = _sides(split)
+    assert sides["train"] and sides["val"] and sides["test"]
+    assert not sides["train"] & sides["test"]
+    assert not sides["val"] & sides["test"]
+    assert not sides["train"] & sides["val"]
+
+    evaluation = _json(out / "evaluation.json")
+    assert evaluation["kind"] == "classifier"
+    assert evaluation["report"]["n"] == len(split["test"]["images"])
+    assert evaluation["report"]["n_patients"] == len(sides["test"])
+    assert evaluation["report_after_temperature"]["n"] == len(split["test"]["images"])
+    assert evaluation["temperature"] > 0
+    assert "validation" in evaluation["temperature_fitted_on"]
+    predictions = _json(out / "predictions.json")
+    assert predictions["held_out"]["images"] == split["test"]["images"]
+    assert predictions["validation"]["images"] == split["val"]["images"]
+    # The compare_table rows are printed.
+    assert "| narrower_cnn |" in run["out"]
+
+
+def test_evaluate_rewrites_evaluation_json(narrow_run, capsys, mias_dir):
+    out, run = narrow_run(capsys)
+    assert run["rc"] == 0
+    (out / "evaluation.json").unlink()
+    (out / "roc_curves.png").unlink()
+    rc = main(["evaluate", str(out), "--data", str(mias_dir), "--n-boot", "20"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    evaluation = _json(out / "evaluation.json")
+    assert evaluation["n_boot"] == 20
+    assert (out / "roc_curves.png").is_file()
+    assert "| narrower_cnn |" in printed
+    # Same model, same held-out images: the same point figures as at the end of training.
+    first = _json(out / "predictions.json")["held_out"]
+    assert evaluation["report"]["n"] == len(first["images"])
+
+
+def test_two_phase_fine_tuning_unfreezes_top_blocks_at_a_lower_rate(tmp_path, mias_dir, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--arch", "transfer_efficientnet", "--random-init", "--data", str(mias_dir),
+               "--input-size", "32", "--epochs", "1", "--fine-tune-epochs", "1",
+               "--fine-tune-blocks", "2", "--max-steps", "1", "--limit", "12", "--n-boot", "20",
+               "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "RANDOM weights (not pretrained)" in printed
+    config = _json(out / "config.json")
+    assert config["pretrained"] is False and config["pretrained_weights"] == {}
+    assert config["two_phase"]["phase2"]["unfrozen_blocks"] == 2
+
+    history = _json(out / "history.json")["trainings"][0]
+    assert history["phase"] == [1, 2]
+    first, second = history["phases"]
+    assert first["backbone"] == "frozen" and second["backbone"] == "top 2 blocks trainable"
+    assert second["trainable_params"] > 10 * first["trainable_params"]
+    assert second["learning_rate"] == pytest.approx(first["learning_rate"] / 10, rel=1e-5)
+    phases = [int(m.group(3)) for m in map(PROGRESS.match, printed.splitlines()) if m]
+    assert phases == [1, 2]
+
+
+def test_unfreeze_top_of_keras_b0_trains_only_the_top_blocks():
+    model = build("transfer_efficientnet", input_shape=(32, 32, 1), backbone="b0", weights=None)
+    (net,) = training.find_lite0(model)
+    training.freeze_lite0(model)
+    assert training.trainable_params(model) == 1280 * 3 + 3  # the softmax layer only
+    training.unfreeze_top(model, 2)
+    trainable = {layer.name for layer in net.layers if layer.trainable and layer.weights}
+    assert any(name.startswith("block7a_") for name in trainable)
+    assert any(name.startswith("block6d_") for name in trainable)
+    assert not any(name.startswith(("block6c_", "block1a_", "stem_")) for name in trainable)
+    assert "top_conv" in trainable
+    assert not any(isinstance(net.get_layer(n), keras.layers.BatchNormalization) for n in trainable)
+
+
+def test_unet_trains_on_truth_masks_and_reports_dice(tmp_path, mias_dir, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--arch", "unet_segmenter", "--arch-params",
+               '{"base_filters": 4, "depth": 2}', "--data", str(mias_dir), "--epochs", "1",
+               "--max-steps", "2", "--limit", "16", "--out", str(out), *SMALL])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    evaluation = _json(out / "evaluation.json")
+    assert evaluation["kind"] == "segmenter"
+    assert evaluation["n_images_with_lesions"] >= 1
+    assert 0.0 <= evaluation["dice"]["value"] <= 1.0
+    assert 0.0 <= evaluation["iou"]["value"] <= evaluation["dice"]["value"] + 1e-9
+    points = evaluation["detection"]["operating_points"]
+    assert [p["fp_per_image"] for p in points] == [1.0, 2.0]
+    assert evaluation["detection"]["n_lesions"] >= 1
+    assert "Dice" in printed and "dice" in printed.split("epoch 1/1", 1)[1]
+    split = _json(out / "split.json")
+    assert set(_json(out / "predictions.json")["held_out"]["images"]) == set(split["test"]["images"])
+
+
+def test_prepared_masks_only_for_segmenters(mias_dir):
+    from models.data import load_mias
+
+    records = [r for r in load_mias(mias_dir) if r.lesions and r.lesions[0].has_centre][:1]
+    images = training.prepare_images(records, mias_dir, 64, with_masks=False)
+    assert images.masks is None
+    images = training.prepare_images(records, mias_dir, 64, with_masks=True)
+    assert images.masks.shape == (1, 64, 64) and images.masks[0].any()
+    assert images.images.dtype == np.float32 and 0.0 <= images.images.min() <= images.images.max() <= 1.0
+
+
+def test_select_stratified_keeps_every_class_and_is_seeded():
+    records = [Record(path=Path(f"{label}{i}.png"), patient_id=f"{label}{i}", label=label)
+               for label, n in (("Normal", 60), ("Benign", 25), ("Cancer", 15)) for i in range(n)]
+    picked = training.select_stratified(records, 20, seed=3)
+    counts = {c: sum(r.label == c for r in picked) for c in ("Normal", "Benign", "Cancer")}
+    assert counts == {"Normal": 12, "Benign": 5, "Cancer": 3}
+    assert picked == training.select_stratified(records, 20, seed=3)
+    assert picked != training.select_stratified(records, 20, seed=4)
+    assert {r.label for r in training.select_stratified(records, 3, seed=0)} == {
+        "Normal", "Benign", "Cancer"}
+
+
+def test_lesion_multibranch_hands_over_to_its_recipe(tmp_path, mias_dir, monkeypatch, capsys):
+    from models import bundle_recipe
+
+    calls = []
+    monkeypatch.setattr(bundle_recipe, "run", lambda *a: calls.append(a) or {})
+    rc = main(["train", "--arch", "lesion_multibranch", "--data", str(mias_dir), "--folds", "3",
+               "--epochs", "2", "--out", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    (data_root, out, bundle, cfg, every), = calls
+    assert (data_root / "mias").resolve() == mias_dir.resolve()
+    assert out == tmp_path / "run" and bundle is None and every == 1
+    assert cfg.folds == 3 and cfg.cls_epochs == 2
+    assert cfg.seg_epochs == bundle_recipe.RecipeConfig().seg_epochs  # not given: the recipe's
+
+
+def _bad_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(t / "nowhere")],
+         "not a folder"),
+        (lambda d, t: ["train", "--arch", "resnet_9000", "--data", str(d)],
+         "unknown architecture 'resnet_9000'"),
+        (lambda d, t: ["train", "--data", str(d)], "arch must be given"),
+        (lambda d, t: ["train", "--config", _bad_config(t, "{not json"), "--data", str(d)],
+         "is not valid JSON"),
+        (lambda d, t: ["train", "--config", _bad_config(t, '{"arch": "narrower_cnn", "epoch": 3}'),
+                       "--data", str(d)], "unknown setting 'epoch'"),
+        (lambda d, t: ["train", "--config", _bad_config(t, '{"arch": "narrower_cnn", "epochs": "3"}'),
+                       "--data", str(d)], "epochs must be int"),
+        (lambda d, t: ["train", "--config", str(t / "missing.json"), "--data", str(d)],
+         "config file not found"),
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--limit", "0"],
+         "limit must be at least 1"),
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--imagenet-weights",
+                       str(t / "w.h5")], "imagenet_weights is for the EfficientNet"),
+        (lambda d, t: ["train", "--arch", "unet_segmenter", "--data", str(d), "--input-size", "60",
+                       "--limit", "12"], "divisible by 16"),
+        (lambda d, t: ["evaluate", str(t / "no-run")], "no such run folder"),
+        (lambda d, t: ["export", str(t / "no-run"), str(t / "bundle")], "no such run folder"),
+    ],
+    ids=["missing-data", "unknown-arch", "no-arch", "config-syntax", "config-unknown-key",
+         "config-type", "config-missing", "limit-zero", "weights-not-efficientnet",
+         "unet-size", "evaluate-missing-run", "export-missing-run"],
+)
+def test_bad_input_exits_2_with_one_line(argv, expected, mias_dir, tmp_path, capsys):
+    rc = main(argv(mias_dir, tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert expected in err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("mammolab ")]
+    assert len(lines) == 1
+
+
+def test_export_refuses_a_run_that_is_not_the_recipe(narrow_run, capsys, tmp_path):
+    pytest.importorskip("models.bundle_export")
+    out, run = narrow_run(capsys)
+    rc = main(["export", str(out), str(tmp_path / "bundle")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "not a finished run of the bundle recipe" in err and "Traceback" not in err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_usage_error_returns_2_instead_of_exiting(capsys):
+    assert main(["train", "--epochs", "many"]) == 2
+    assert "invalid int value" in capsys.readouterr().err
+    assert main(["train", "-h"]) == 0
+    assert "--imagenet-weights" in capsys.readouterr().out

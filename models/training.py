@@ -697,7 +697,7 @@ def fit_model(
             t0 = time.perf_counter()
             rng = np.random.default_rng([seed, epoch])
             rows = train_idx[_epoch_rows(y_labels, cfg, rng)]
-            x = data.images[rows].copy()
+            x = data.images[rows]  # fancy indexing: a copy, free to augment in place
             y = _targets(data, rows, segmenter)
             if augmenter is not None:
                 for j in range(len(rows)):

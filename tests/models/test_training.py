@@ -203,6 +203,27 @@ def test_select_stratified_keeps_every_class_and_is_seeded():
         "Normal", "Benign", "Cancer"}
 
 
+def test_cross_validation_splits_hold_each_patient_out_once(mias_dir):
+    from models.data import load_mias
+
+    records = load_mias(mias_dir)
+    cfg = training.TrainConfig(arch="narrower_cnn", data=str(mias_dir), folds=3, seed=1)
+    splits = training.make_splits(records, cfg)
+    assert splits["kind"] == "cross-validation" and len(splits["folds"]) == 3
+    pid = np.array([r.patient_id for r in records])
+    tested = np.concatenate([f["test"] for f in splits["folds"]])
+    assert sorted(tested.tolist()) == list(range(len(records)))  # every image held out once
+    for fold in splits["folds"]:
+        held_out = set(pid[fold["test"]])
+        assert held_out and not held_out & set(pid[fold["train"]])
+        assert not held_out & set(pid[fold["val"]])
+        assert not set(pid[fold["train"]]) & set(pid[fold["val"]])
+        assert len(fold["train"]) + len(fold["val"]) + len(fold["test"]) == len(records)
+    final = splits["final"]
+    assert len(final["train"]) + len(final["val"]) == len(records)
+    assert not set(pid[final["train"]]) & set(pid[final["val"]])
+
+
 def test_lesion_multibranch_hands_over_to_its_recipe(tmp_path, mias_dir, monkeypatch, capsys):
     from models import bundle_recipe
 

@@ -72,20 +72,29 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BALANCE_MODES",
+    "EvaluationInputs",
     "Images",
     "RunPlan",
     "SEGMENTERS",
     "TrainConfig",
+    "build_model",
     "dice_bce_loss",
     "dice_coefficient",
+    "evaluate_loaded",
     "evaluate_run",
     "execute",
     "fit_model",
+    "is_recipe_run",
     "load_evaluation_inputs",
+    "make_splits",
     "plan_run",
     "prepare_images",
+    "record_key",
     "select_stratified",
+    "summary_lines",
     "train_recipe",
+    "trainable_params",
+    "unfreeze_top",
 ]
 
 Echo = Callable[[str], None]

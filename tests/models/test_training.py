@@ -18,6 +18,7 @@ from core.cli import main  # noqa: E402
 from models import training  # noqa: E402
 from models.architectures import build  # noqa: E402
 from models.data import Record  # noqa: E402
+from models.efficientnet_lite import find_lite0, freeze_lite0  # noqa: E402
 
 PROGRESS = re.compile(
     r"^(?:\S+ \S+ )?epoch (\d+)/(\d+) phase ([12]) loss [\d.]+ (acc|dice) [\d.]+ "
@@ -148,8 +149,8 @@ def test_two_phase_fine_tuning_unfreezes_top_blocks_at_a_lower_rate(tmp_path, mi
 
 def test_unfreeze_top_of_keras_b0_trains_only_the_top_blocks():
     model = build("transfer_efficientnet", input_shape=(32, 32, 1), backbone="b0", weights=None)
-    (net,) = training.find_lite0(model)
-    training.freeze_lite0(model)
+    (net,) = find_lite0(model)
+    freeze_lite0(model)
     assert training.trainable_params(model) == 1280 * 3 + 3  # the softmax layer only
     training.unfreeze_top(model, 2)
     trainable = {layer.name for layer in net.layers if layer.trainable and layer.weights}

@@ -435,6 +435,17 @@ def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[
     return reports, temperature, calibration
 
 
+def reevaluate(out: Path, seed: int = 0) -> dict[str, Any]:
+    """``mammolab evaluate`` on a recipe run: recompute the figures from its out-of-fold predictions
+    and rewrite ``evaluation.json`` (the segmenter's figures are kept as the run measured them)."""
+    path = out / "evaluation.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    reports, temperature, calibration = evaluate_oof(out, seed)
+    summary.update(reports=reports, temperature=temperature, calibration=calibration)
+    path.write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
 def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         every: int = 1) -> dict[str, Any]:
     import keras

@@ -206,7 +206,10 @@ def _evaluate(argv: list[str]) -> int:
         if args.n_boot is not None and args.n_boot < 0:
             raise ValueError(f"--n-boot must be >= 0, not {args.n_boot}")
         if training.is_recipe_run(run):
-            training.evaluate_run(run, echo=_echo)
+            from models.bundle_recipe import reevaluate
+
+            reevaluate(run)
+            print(f"evaluation: {run / 'evaluation.json'}", flush=True)
             return 0
         inputs = training.load_evaluation_inputs(run, args.data, n_boot=args.n_boot, echo=_echo)
     except USAGE_ERRORS as exc:

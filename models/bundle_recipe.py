@@ -192,6 +192,17 @@ def build_segmenter(cfg: RecipeConfig, head):
     return keras.Model(inp, head(feats), name="tiled_segmenter")
 
 
+def apply_narrow_branch(x, l2):
+    """The study's narrower CNN as a branch: four conv/pool stages, global average pooled."""
+    from keras import layers
+
+    for i, filters in enumerate((16, 32, 48, 64)):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=l2,
+                          name=f"narrow_conv{i}")(x)
+        x = layers.MaxPooling2D(2, name=f"narrow_pool{i}")(x)
+    return layers.GlobalAveragePooling2D(name="narrow_gap")(x)
+
+
 def build_classifier_head(cfg: RecipeConfig, name: str = "multibranch_head"):
     """The class head on (whole breast, pooled patch features, candidate cell scores)."""
     import keras
@@ -202,12 +213,7 @@ def build_classifier_head(cfg: RecipeConfig, name: str = "multibranch_head"):
     f_in = keras.Input((cfg.top_k, FEATURES), name="patch_features")
     s_in = keras.Input((cfg.top_k, len(CELL_CLASSES)), name="scores")
     # Narrow CNN branch: whole breast, low resolution.
-    g = g_in
-    for i, filters in enumerate((16, 32, 48, 64)):
-        g = layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=l2,
-                          name=f"narrow_conv{i}")(g)
-        g = layers.MaxPooling2D(2, name=f"narrow_pool{i}")(g)
-    g = layers.GlobalAveragePooling2D(name="narrow_gap")(g)
+    g = apply_narrow_branch(g_in, l2)
     g = layers.Dropout(0.3, name="narrow_drop")(g)
     # Lite0 patch branch: pooled over the K candidates.
     f = layers.Concatenate(name="patch_pool")([layers.GlobalMaxPooling1D(name="patch_max")(f_in),
@@ -243,12 +249,7 @@ def build_baseline_head(cfg: RecipeConfig):
     l2 = keras.regularizers.L2(1e-3)
     g_in = keras.Input((cfg.global_px, cfg.global_px, 1), name="global")
     e_in = keras.Input((FEATURES,), name="lite0_whole")
-    g = g_in
-    for i, filters in enumerate((16, 32, 48, 64)):
-        g = layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=l2,
-                          name=f"narrow_conv{i}")(g)
-        g = layers.MaxPooling2D(2, name=f"narrow_pool{i}")(g)
-    g = layers.GlobalAveragePooling2D(name="narrow_gap")(g)
+    g = apply_narrow_branch(g_in, l2)
     e = layers.Dropout(0.5, name="lite0_drop")(e_in)
     x = layers.Concatenate(name="branches")([g, e])
     x = layers.Dense(128, activation="relu", kernel_regularizer=l2, name="fc128")(x)

@@ -319,25 +319,30 @@ class Analyzer:
 
     def heatmap(self, mammogram: Mammogram, analysis: Analysis | None = None,
                 cell: int = 32, stride: int | None = None) -> np.ndarray:
-        """Occlusion sensitivity of the predicted class on the whole-breast input.
+        """Occlusion sensitivity of the predicted class, over the whole breast.
 
-        Each ``cell`` x ``cell`` square of the global input (px) is replaced by the pad value in
-        turn; the drop in the predicted class' probability, clipped at zero and scaled to [0, 1],
-        is the heat of that square. Patches and cell scores are held fixed, so the map explains
-        the global branch; the candidates themselves are shown by the lesion overlay.
+        Each ``cell`` x ``cell`` square of the whole-breast input (px) is hidden in turn: its
+        pixels are set to the pad value, and every candidate whose centre falls inside it is
+        hidden too (its patch blanked, its cell scores set to normal tissue). The drop in the
+        predicted class' probability, clipped at zero and scaled to [0, 1], is the heat of that
+        square, so the map explains both branches of the classifier.
 
         Returns
         -------
         np.ndarray
-            (H, W) float32 in [0, 1] at full resolution.
+            (H, W) float32 in [0, 1] at full resolution, zero outside the breast.
         """
         x = self.inputs_for(mammogram)
         cells = self.segment(x["canvas"])
         cand = top_cells(cells, self.breast_cells(x["canvas_breast"]), self.top_k, self.cell_px)
-        patches, _ = patches_at(mammogram, x, cand, self.patch_px)
-        base = self.classify(x["global"], patches, cand.scores)
+        patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
+        scores = cand.scores
+        base = self.classify(x["global"], patches, scores)
         target = int(np.argmax(base)) if analysis is None else int(np.argmax(analysis.probabilities))
         g = x["global"]
+        cand_g = x["global_t"].forward(full_xy)  # candidate centres on the whole-breast input
+        normal = np.zeros_like(scores[0])
+        normal[0] = 1.0
         stride = stride or cell
         size = g.shape[0]
         heat = np.zeros_like(g)
@@ -346,7 +351,14 @@ class Analyzer:
             for xx in range(0, size - cell + 1, stride):
                 occluded = g.copy()
                 occluded[y : y + cell, xx : xx + cell] = self.config.pad_value
-                drop = base[target] - self.classify(occluded, patches, cand.scores)[target]
+                inside = ((cand_g[:, 0] >= xx) & (cand_g[:, 0] < xx + cell)
+                          & (cand_g[:, 1] >= y) & (cand_g[:, 1] < y + cell))
+                p, sc = patches, scores
+                if inside.any():
+                    p, sc = patches.copy(), scores.copy()
+                    p[inside] = self.config.pad_value
+                    sc[inside] = normal
+                drop = base[target] - self.classify(occluded, p, sc)[target]
                 heat[y : y + cell, xx : xx + cell] += max(0.0, float(drop))
                 count[y : y + cell, xx : xx + cell] += 1
         heat = heat / np.maximum(count, 1)

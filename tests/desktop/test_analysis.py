@@ -21,7 +21,9 @@ from tests.desktop.conftest import open_and_wait
 
 def deepest_pixel(region: np.ndarray) -> tuple[int, int]:
     """(x, y) of the pixel of ``region`` farthest from its edge: unambiguously inside it."""
-    distance = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 5)
+    # Padded so the image border counts as an edge (OpenCV treats beyond-the-image as inside).
+    padded = np.pad(region.astype(np.uint8), 1)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
     return int(x), int(y)
 

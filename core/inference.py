@@ -95,6 +95,34 @@ def top_cells(cell_probs: np.ndarray, breast_cells: np.ndarray, k: int, cell_px:
     return Candidates(rc, xy, cell_probs[rc[:, 0], rc[:, 1]].astype(np.float32))
 
 
+def scan_prior(cell_probs: np.ndarray, breast: np.ndarray, top: int = 3) -> np.ndarray:
+    """The patch-scan reading of a cell map: class probabilities from its top-scoring cells.
+
+    Benign and Cancer are the means of the ``top`` highest benign and malignant cell
+    probabilities inside the breast; Normal is one minus the mean of the ``top`` highest lesion
+    probabilities (1 - P(normal tissue)); the three are then normalised to sum to 1.
+
+    Parameters
+    ----------
+    cell_probs : np.ndarray
+        (rows, cols, 3) cell probabilities (normal tissue, benign, malignant).
+    breast : np.ndarray
+        (rows, cols) bool, the breast's cells.
+
+    Returns
+    -------
+    np.ndarray
+        (3,) float32, sums to 1.
+    """
+    p = cell_probs[breast]
+    if len(p) == 0:
+        return np.array([1.0, 0.0, 0.0], np.float32)
+    top_mean = lambda v: float(np.sort(v)[-top:].mean())  # noqa: E731
+    out = np.array([1.0 - top_mean(1.0 - p[:, 0]), top_mean(p[:, 1]), top_mean(p[:, 2])])
+    out = np.clip(out, 1e-6, None)
+    return (out / out.sum()).astype(np.float32)
+
+
 def candidate_patches(work: np.ndarray, centres_xy: np.ndarray, size: int) -> np.ndarray:
     """Square patches of the working image centred on each point, zero-padded at the borders.
 
@@ -219,6 +247,7 @@ class Analyzer:
         self._seg = _Model(bundle.file("segmenter.tflite"), threads)
         self._cls = _Model(bundle.file("classifier.tflite"), threads)
         self.cell_classes = tuple(p.get("cell_classes", ("normal", "benign", "malignant")))
+        self.uses_prior = any("prior_log" in d["name"] for d in self._cls.inputs)
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, threads: int | None = None) -> Analyzer:
@@ -252,13 +281,23 @@ class Analyzer:
         (out,) = self._seg({"image": canvas[None, :, :, None]})
         return out[0]
 
-    def classify(self, global_img: np.ndarray, patches: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """Raw classifier probabilities (before temperature), shape (n_classes,)."""
-        out = self._cls({
+    def classify(self, global_img: np.ndarray, patches: np.ndarray, scores: np.ndarray,
+                 prior: np.ndarray | None = None) -> np.ndarray:
+        """Raw classifier probabilities (before temperature), shape (n_classes,).
+
+        ``prior`` is the patch-scan reading of the cell map (:func:`scan_prior`), for
+        classifiers that take it (input ``prior_log``) as the prior their head corrects.
+        """
+        feeds = {
             "global": global_img[None, :, :, None],
             "patches": patches[None, :, :, :, None],
             "scores": scores[None],
-        })
+        }
+        if self.uses_prior:
+            if prior is None:
+                raise ValueError("this classifier needs the patch-scan prior")
+            feeds["prior_log"] = np.log(np.clip(prior, 1e-6, 1.0))[None]
+        out = self._cls(feeds)
         return out[0][0]
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
@@ -287,10 +326,11 @@ class Analyzer:
         t1 = time.perf_counter()
         cells = self.segment(x["canvas"])
         t2 = time.perf_counter()
-        cand = top_cells(cells, self.breast_cells(x["canvas_breast"]), self.top_k, self.cell_px)
+        in_breast = self.breast_cells(x["canvas_breast"])
+        cand = top_cells(cells, in_breast, self.top_k, self.cell_px)
         canvas_t: Transform = x["canvas_t"]
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
-        raw = self.classify(x["global"], patches, cand.scores)
+        raw = self.classify(x["global"], patches, cand.scores, scan_prior(cells, in_breast))
         probs = self.calibrate(raw)
         t3 = time.perf_counter()
         lesion_map = self._lesion_map(cells, x["canvas_breast"], canvas_t)
@@ -334,10 +374,11 @@ class Analyzer:
         """
         x = self.inputs_for(mammogram)
         cells = self.segment(x["canvas"])
-        cand = top_cells(cells, self.breast_cells(x["canvas_breast"]), self.top_k, self.cell_px)
+        in_breast = self.breast_cells(x["canvas_breast"])
+        cand = top_cells(cells, in_breast, self.top_k, self.cell_px)
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
         scores = cand.scores
-        base = self.classify(x["global"], patches, scores)
+        base = self.classify(x["global"], patches, scores, scan_prior(cells, in_breast))
         target = int(np.argmax(base)) if analysis is None else int(np.argmax(analysis.probabilities))
         g = x["global"]
         cand_g = x["global_t"].forward(full_xy)  # candidate centres on the whole-breast input
@@ -358,7 +399,14 @@ class Analyzer:
                     p, sc = patches.copy(), scores.copy()
                     p[inside] = self.config.pad_value
                     sc[inside] = normal
-                drop = base[target] - self.classify(occluded, p, sc)[target]
+                # The square's cells count as normal tissue for the scan prior too.
+                corners = x["canvas_t"].forward(x["global_t"].inverse(
+                    np.array([[xx, y], [xx + cell, y + cell]], np.float64)))
+                c0 = np.floor(corners.min(axis=0) / self.cell_px).astype(int)
+                c1 = np.ceil(corners.max(axis=0) / self.cell_px).astype(int)
+                hidden = cells.copy()
+                hidden[max(0, c0[1]) : max(0, c1[1]), max(0, c0[0]) : max(0, c1[0])] = normal
+                drop = base[target] - self.classify(occluded, p, sc, scan_prior(hidden, in_breast))[target]
                 heat[y : y + cell, xx : xx + cell] += max(0.0, float(drop))
                 count[y : y + cell, xx : xx + cell] += 1
         heat = heat / np.maximum(count, 1)

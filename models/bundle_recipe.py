@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from core.inference import Candidates, breast_cells, pipeline_inputs, top_cells
+from core.inference import Candidates, breast_cells, pipeline_inputs, scan_prior, top_cells
 from core.io import read_image
 from core.preprocess import PreprocessConfig
 
@@ -56,7 +56,9 @@ class RecipeConfig:
     folds: int = 5
     seed: int = 0
     seg_epochs: int = 12
-    cls_epochs: int = 40
+    seg_weight_power: float = 0.5  # class weights ** power: 1 balances fully, 0.5 softens
+    cls_epochs: int = 5
+    use_prior: bool = True  # the head corrects the patch-scan reading instead of replacing it
     baseline_px: int = 224
     mask_threshold: float = 0.5
     batch_size: int = 16
@@ -208,7 +210,7 @@ def build_classifier_head(cfg: RecipeConfig, name: str = "multibranch_head"):
     import keras
     from keras import layers
 
-    l2 = keras.regularizers.L2(1e-3)
+    l2 = keras.regularizers.L2(1e-2 if cfg.use_prior else 1e-3)
     g_in = keras.Input((cfg.global_px, cfg.global_px, 1), name="global")
     f_in = keras.Input((cfg.top_k, FEATURES), name="patch_features")
     s_in = keras.Input((cfg.top_k, len(CELL_CLASSES)), name="scores")
@@ -224,8 +226,15 @@ def build_classifier_head(cfg: RecipeConfig, name: str = "multibranch_head"):
     x = layers.Concatenate(name="branches")([g, f, s])
     x = layers.Dense(128, activation="relu", kernel_regularizer=l2, name="fc128")(x)
     x = layers.Dropout(0.5, name="fc_drop")(x)
-    out = layers.Dense(len(CLASSES), activation="softmax", name="probs")(x)
-    return keras.Model([g_in, f_in, s_in], out, name=name)
+    if not cfg.use_prior:
+        out = layers.Dense(len(CLASSES), activation="softmax", name="probs")(x)
+        return keras.Model([g_in, f_in, s_in], out, name=name)
+    # The branches give a correction (zero at the start) to the log of the patch-scan reading:
+    # with 200 training films a learned head alone did worse than the fixed reading.
+    prior_in = keras.Input((len(CLASSES),), name="prior_log")
+    z = layers.Dense(len(CLASSES), kernel_initializer="zeros", kernel_regularizer=l2, name="correction")(x)
+    out = layers.Softmax(name="probs")(layers.Add(name="prior_plus_correction")([prior_in, z]))
+    return keras.Model([g_in, f_in, s_in, prior_in], out, name=name)
 
 
 def build_classifier(cfg: RecipeConfig, head):
@@ -238,7 +247,11 @@ def build_classifier(cfg: RecipeConfig, head):
     s_in = keras.Input((cfg.top_k, len(CELL_CLASSES)), name="scores")
     backbone = _lite0_features((cfg.patch_px, cfg.patch_px, 1), "lite0_patch", pooled=True)
     feats = layers.TimeDistributed(backbone, name="per_patch")(p_in)
-    return keras.Model([g_in, p_in, s_in], head([g_in, feats, s_in]), name="lesion_multibranch")
+    if not cfg.use_prior:
+        return keras.Model([g_in, p_in, s_in], head([g_in, feats, s_in]), name="lesion_multibranch")
+    prior_in = keras.Input((len(CLASSES),), name="prior_log")
+    return keras.Model([g_in, p_in, s_in, prior_in], head([g_in, feats, s_in, prior_in]),
+                       name="lesion_multibranch")
 
 
 def build_baseline_head(cfg: RecipeConfig):
@@ -289,7 +302,7 @@ def train_segmenter_head(feats: np.ndarray, labels: np.ndarray, cfg: RecipeConfi
     x = feats[sel].astype(np.float32)[:, None, None, :]
     y = labels[sel].astype(np.int64)
     counts = np.bincount(y, minlength=len(CELL_CLASSES)).astype(np.float64)
-    per_class = len(y) / (len(CELL_CLASSES) * np.maximum(counts, 1.0))
+    per_class = (len(y) / (len(CELL_CLASSES) * np.maximum(counts, 1.0))) ** cfg.seg_weight_power
     head = build_segmenter_head()
     head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     head.fit(x, y[:, None, None], sample_weight=per_class[y][:, None, None].astype(np.float32),
@@ -356,21 +369,17 @@ def fit_head(head, inputs: list[np.ndarray], y: np.ndarray, cfg: RecipeConfig, s
     return history
 
 
-def patch_scan_probs(probs: np.ndarray, breast: np.ndarray, top: int = 3) -> np.ndarray:
-    """The patch-scan reference: mean of each class' top cells, normal = 1 - lesion."""
-    n = len(probs)
-    out = np.zeros((n, 3), np.float64)
-    for i in range(n):
-        p = probs[i][breast[i]]
-        if len(p) == 0:
-            out[i] = (1.0, 0.0, 0.0)
-            continue
-        b = np.sort(p[:, 1])[-top:].mean()
-        m = np.sort(p[:, 2])[-top:].mean()
-        lesion = np.sort(1.0 - p[:, 0])[-top:].mean()
-        out[i] = (1.0 - lesion, b, m)
-    out = np.clip(out, 1e-6, None)
-    return out / out.sum(axis=1, keepdims=True)
+def patch_scan_probs(probs: np.ndarray, breast: np.ndarray) -> np.ndarray:
+    """The patch-scan reading of every film (:func:`core.inference.scan_prior`), (N, 3)."""
+    return np.stack([scan_prior(probs[i], breast[i]) for i in range(len(probs))]).astype(np.float64)
+
+
+def _classifier_inputs(films: Films, pf: np.ndarray, scores: np.ndarray, prior: np.ndarray,
+                       idx, cfg: RecipeConfig) -> list[np.ndarray]:
+    xs = [films.globals_[idx, ..., None], pf[idx], scores[idx]]
+    if cfg.use_prior:
+        xs.append(np.log(np.clip(prior[idx], 1e-6, 1.0)).astype(np.float32))
+    return xs
 
 
 def segmentation_maps(films: Films, probs: np.ndarray, cfg: RecipeConfig, idx: np.ndarray) -> np.ndarray:
@@ -489,13 +498,15 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         cands = candidates_for(films, probs_all, cfg)
         pf = patch_features(patch_stack(films, cands, cfg), patch_backbone)
         scores = np.stack([c.scores for c in cands])
+        prior = patch_scan_probs(probs_all, films.cell_breast)
         head = build_classifier_head(cfg)
-        hist = fit_head(head, [films.globals_[tr, ..., None], pf[tr], scores[tr]], y[tr], cfg, cfg.seed + fold)
-        oof["lesion_multibranch"][te] = head.predict([films.globals_[te, ..., None], pf[te], scores[te]], verbose=0)
+        hist = fit_head(head, _classifier_inputs(films, pf, scores, prior, tr, cfg), y[tr], cfg, cfg.seed + fold)
+        oof["lesion_multibranch"][te] = head.predict(_classifier_inputs(films, pf, scores, prior, te, cfg),
+                                                     verbose=0)
         base = build_baseline_head(cfg)
         fit_head(base, [films.globals_[tr, ..., None], whole_feats[tr]], y[tr], cfg, cfg.seed + fold)
         oof["seed_multibranch"][te] = base.predict([films.globals_[te, ..., None], whole_feats[te]], verbose=0)
-        oof["patch_scan"][te] = patch_scan_probs(probs_all[te], films.cell_breast[te])
+        oof["patch_scan"][te] = prior[te]
         histories.append(hist)
         log.info("fold %d/%d in %.0fs", fold + 1, cfg.folds, time.perf_counter() - tf0)
         print(f"fold {fold + 1}/{cfg.folds}: {time.perf_counter() - tf0:.0f}s", flush=True)
@@ -537,8 +548,9 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     cands = candidates_for(films, probs_all, cfg)
     pf = patch_features(patch_stack(films, cands, cfg), patch_backbone)
     scores = np.stack([c.scores for c in cands])
+    prior = patch_scan_probs(probs_all, films.cell_breast)
     head = build_classifier_head(cfg)
-    final_hist = fit_head(head, [films.globals_[..., None], pf, scores], y, cfg, cfg.seed)
+    final_hist = fit_head(head, _classifier_inputs(films, pf, scores, prior, slice(None), cfg), y, cfg, cfg.seed)
     segmenter = build_segmenter(cfg, seg_head)
     classifier = build_classifier(cfg, head)
     classifier.save(out / "classifier.keras")

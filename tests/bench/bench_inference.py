@@ -14,6 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def _time(fn, repeat: int) -> float:
     fn()  # warm-up
@@ -32,7 +34,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
 
-    from core.inference import Analyzer, patches_at, top_cells
+    from core.inference import Analyzer, patches_at, scan_prior, top_cells
     from core.io import read_image
     from core.paths import resources_dir
 
@@ -43,14 +45,17 @@ def main() -> None:
     m = read_image(image)
     x = a.inputs_for(m)
     cells = a.segment(x["canvas"])
-    cand = top_cells(cells, a.breast_cells(x["canvas_breast"]), a.top_k, a.cell_px)
+    in_breast = a.breast_cells(x["canvas_breast"])
+    cand = top_cells(cells, in_breast, a.top_k, a.cell_px)
     patches, _ = patches_at(m, x, cand, a.patch_px)
+    prior = scan_prior(cells, in_breast)
 
     rows = {
         "read_image": _time(lambda: read_image(image), args.repeat),
         "preprocess": _time(lambda: a.inputs_for(m), args.repeat),
         "segmenter (LiteRT)": _time(lambda: a.segment(x["canvas"]), args.repeat),
-        "classifier (LiteRT)": _time(lambda: a.classify(x["global"], patches, cand.scores), args.repeat),
+        "classifier (LiteRT)": _time(lambda: a.classify(x["global"], patches, cand.scores, prior),
+                                      args.repeat),
         "analyze, total": _time(lambda: a.analyze(m), args.repeat),
     }
     if args.run:
@@ -60,6 +65,8 @@ def main() -> None:
         cls = keras.models.load_model(args.run / "classifier.keras", compile=False)
         canvas = x["canvas"][None, :, :, None]
         feeds = [x["global"][None, :, :, None], patches[None, ..., None], cand.scores[None]]
+        if a.uses_prior:
+            feeds.append(np.log(np.clip(prior, 1e-6, 1.0))[None])
         rows["segmenter (Keras)"] = _time(lambda: seg(canvas, training=False), args.repeat)
         rows["classifier (Keras)"] = _time(lambda: cls(feeds, training=False), args.repeat)
     print(f"image: {image.name} {m.pixels.shape}; bundle load {load_s * 1000:.0f} ms")

@@ -53,6 +53,8 @@ class Analysis:
     model_version: str
     candidates_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # full-res (x, y)
     timings: dict[str, float] = field(default_factory=dict)  # seconds
+    # The model inputs and cell map of this analysis, so heatmap() does not run them again.
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def predicted(self) -> str:
@@ -342,6 +344,7 @@ class Analyzer:
             probabilities=probs, classes=self.classes, lesion_probability=lesion_map,
             lesion_mask=lesion_mask, breast_mask=mask, lesion_area_frac=area,
             model_name=self.name, model_version=self.version, candidates_xy=full_xy,
+            cache={"inputs": x, "cells": cells},
             timings={"preprocess": t1 - t0, "segmenter": t2 - t1, "classifier": t3 - t2,
                      "maps": t4 - t3, "total": t4 - t0},
         )
@@ -372,8 +375,11 @@ class Analyzer:
         np.ndarray
             (H, W) float32 in [0, 1] at full resolution, zero outside the breast.
         """
-        x = self.inputs_for(mammogram)
-        cells = self.segment(x["canvas"])
+        if analysis is not None and "cells" in analysis.cache:
+            x, cells = analysis.cache["inputs"], analysis.cache["cells"]
+        else:
+            x = self.inputs_for(mammogram)
+            cells = self.segment(x["canvas"])
         in_breast = self.breast_cells(x["canvas_breast"])
         cand = top_cells(cells, in_breast, self.top_k, self.cell_px)
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)

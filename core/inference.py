@@ -97,6 +97,25 @@ def top_cells(cell_probs: np.ndarray, breast_cells: np.ndarray, k: int, cell_px:
     return Candidates(rc, xy, cell_probs[rc[:, 0], rc[:, 1]].astype(np.float32))
 
 
+def canvas_lesion_map(cells: np.ndarray, cell_px: int, canvas_breast: np.ndarray) -> np.ndarray:
+    """Cell lesion probabilities (1 - P(normal tissue)), smoothly upsampled to the canvas.
+
+    The one definition of the lesion map: the app shows it (mapped to full resolution) and
+    training measures Dice on it. Zero outside the breast.
+
+    Returns
+    -------
+    np.ndarray
+        ``canvas_breast.shape`` float32 in [0, 1].
+    """
+    lesion = (1.0 - cells[..., 0]).astype(np.float32)
+    rows, cols = lesion.shape
+    up = np.zeros(canvas_breast.shape, dtype=np.float32)
+    up[: rows * cell_px, : cols * cell_px] = cv2.resize(
+        lesion, (cols * cell_px, rows * cell_px), interpolation=cv2.INTER_CUBIC)
+    return np.clip(up, 0.0, 1.0) * canvas_breast
+
+
 def scan_prior(cell_probs: np.ndarray, breast: np.ndarray, top: int = 3) -> np.ndarray:
     """The patch-scan reading of a cell map: class probabilities from its top-scoring cells.
 
@@ -350,15 +369,8 @@ class Analyzer:
         )
 
     def _lesion_map(self, cells: np.ndarray, canvas_breast: np.ndarray, canvas_t: Transform) -> np.ndarray:
-        """Cell lesion probabilities, smoothly upsampled to the canvas, then to full resolution."""
-        lesion = (1.0 - cells[..., 0]).astype(np.float32)
-        ch, cw = canvas_t.output_shape
-        rows, cols = lesion.shape
-        up = np.zeros((ch, cw), dtype=np.float32)
-        up[: rows * self.cell_px, : cols * self.cell_px] = cv2.resize(
-            lesion, (cols * self.cell_px, rows * self.cell_px), interpolation=cv2.INTER_CUBIC)
-        up = np.clip(up, 0.0, 1.0) * canvas_breast
-        return canvas_t.to_original(up)
+        """The canvas lesion map at full resolution."""
+        return canvas_t.to_original(canvas_lesion_map(cells, self.cell_px, canvas_breast))
 
     def heatmap(self, mammogram: Mammogram, analysis: Analysis | None = None,
                 cell: int = 32, stride: int | None = None) -> np.ndarray:

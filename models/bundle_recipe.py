@@ -33,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from core.inference import Candidates, breast_cells, pipeline_inputs, scan_prior, top_cells
+from core.inference import (
+    Candidates,
+    breast_cells,
+    canvas_lesion_map,
+    pipeline_inputs,
+    scan_prior,
+    top_cells,
+)
 from core.io import read_image
 from core.preprocess import PreprocessConfig
 
@@ -82,6 +89,7 @@ class Films:
     baseline: np.ndarray  # (N, b, b) float32, the whole film for the seed-style reference
     cell_labels: np.ndarray  # (N, cr, cc) int8: 0/1/2 cell class, -1 ignored
     cell_breast: np.ndarray  # (N, cr, cc) bool
+    canvas_breast: np.ndarray  # (N, rows, cols) bool, the breast on the canvas
     canvas_lesion: np.ndarray  # (N, rows, cols) bool ground-truth lesions on the canvas (evaluation)
     inputs: list[dict[str, Any]]  # pipeline_inputs per film (transforms)
     mammograms: list[Any]
@@ -104,7 +112,7 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
     import cv2
 
     names, patients, labels, canvases, globals_, base = [], [], [], [], [], []
-    cell_labels, cell_breast, canvas_lesion, inputs, mammos = [], [], [], [], []
+    cell_labels, cell_breast, canvas_breast, canvas_lesion, inputs, mammos = [], [], [], [], [], []
     c = cfg.cell_px
     for i, r in enumerate(records):
         m = read_image(r.path)
@@ -132,13 +140,15 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
         base.append(whole)
         cell_labels.append(lab)
         cell_breast.append(bc)
+        canvas_breast.append(x["canvas_breast"])
         canvas_lesion.append(cb | cm)
         inputs.append({k: v for k, v in x.items() if k.endswith("_t")})
         mammos.append(m)
         if (i + 1) % 50 == 0:
             log.info("prepared %d/%d films", i + 1, len(records))
     return Films(names, np.array(patients), np.array(labels), np.stack(canvases), np.stack(globals_),
-                 np.stack(base), np.stack(cell_labels), np.stack(cell_breast), np.stack(canvas_lesion),
+                 np.stack(base), np.stack(cell_labels), np.stack(cell_breast), np.stack(canvas_breast),
+                 np.stack(canvas_lesion),
                  inputs, mammos)
 
 
@@ -383,16 +393,8 @@ def _classifier_inputs(films: Films, pf: np.ndarray, scores: np.ndarray, prior: 
 
 
 def segmentation_maps(films: Films, probs: np.ndarray, cfg: RecipeConfig, idx: np.ndarray) -> np.ndarray:
-    """Cell lesion probabilities upsampled to the canvas (as the app shows them)."""
-    import cv2
-
-    c = cfg.cell_px
-    out = np.zeros((len(idx), *cfg.canvas), np.float32)
-    for j, i in enumerate(idx):
-        lesion = (1.0 - probs[i][..., 0]).astype(np.float32)
-        up = cv2.resize(lesion, (lesion.shape[1] * c, lesion.shape[0] * c), interpolation=cv2.INTER_CUBIC)
-        out[j, : up.shape[0], : up.shape[1]] = np.clip(up, 0, 1)
-    return out
+    """The lesion maps the app would show, on the canvas (:func:`core.inference.canvas_lesion_map`)."""
+    return np.stack([canvas_lesion_map(probs[i], cfg.cell_px, films.canvas_breast[i]) for i in idx])
 
 
 # -- the whole run ----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def tiny_run(tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("run")
     bundle = tmp_path_factory.mktemp("b") / "bundle"
     cfg = RecipeConfig(canvas=(256, 192), global_px=64, patch_px=64, top_k=2, folds=2,
-                       seg_epochs=1, cls_epochs=1, baseline_px=64,
+                       scan_epochs=1, scan_lesion_patches=8, scan_normal_patches=16,
+                       cls_epochs=1, baseline_px=64,
                        preprocessing=PreprocessConfig(fallback_height_px=256, target_spacing_mm=0.8))
     summary = run(shared_data, out, bundle, cfg, every=16)
     return out, bundle, summary
@@ -60,3 +61,84 @@ def test_exported_bundle_runs_in_core(tiny_run, mias_dir):
     result = a.analyze(m)
     assert result.lesion_mask.shape == m.pixels.shape
     assert abs(float(result.probabilities.sum()) - 1) < 1e-5
+
+
+def test_segmenter_reads_the_scanner_window_centred_on_each_cell():
+    """The exported segmenter is the patch scanner run convolutionally: each cell's logits are
+    the scanner head on Lite0 cell features averaged over a patch-sized window, the four
+    windows touching the cell averaged so the reading is centred on it (edges repeated)."""
+    import keras
+
+    from models.bundle_recipe import build_scanner, build_segmenter
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=128, cell_px=32)
+    scanner = build_scanner(cfg)
+    rng = np.random.default_rng(0)
+    scanner.get_layer("scan_probs").set_weights([rng.normal(0, 0.05, (1280, 3)).astype(np.float32),
+                                                 np.array([0.1, -0.2, 0.3], np.float32)])
+    seg = build_segmenter(cfg, scanner)
+    x = rng.random((1, 256, 192, 1), dtype=np.float32)
+    probs = seg.predict_on_batch(x)[0]
+    assert probs.shape == (8, 6, 3)
+    logits = keras.Model(seg.input, seg.get_layer("cell_logits").output).predict_on_batch(x)[0]
+    rows, cols, _ = logits.shape
+
+    def window(r, c):  # the 4x4 cells r-1 .. r+2, c-1 .. c+2 that exist
+        return logits[max(r - 1, 0) : r + 3, max(c - 1, 0) : c + 3].mean(axis=(0, 1))
+
+    for r in range(rows):
+        for c in range(cols):
+            z = np.mean([window(max(r - dr, 0), max(c - dc, 0)) for dr in (0, 1) for dc in (0, 1)], axis=0)
+            expected = np.exp(z) / np.exp(z).sum()
+            np.testing.assert_allclose(probs[r, c], expected, atol=1e-5)
+    # The canvas network carries the scanner's (fine-tuned) weights, not a fresh copy.
+    for a, b in zip(seg.get_layer("lite0_canvas").get_weights(), scanner.get_layer("lite0_scan").get_weights(),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _synthetic_films(n=4, h=256, w=192, cell=32):
+    """Films with one bright disk lesion on film 0 (benign) and film 1 (malignant)."""
+    from models.bundle_recipe import Films
+
+    yy, xx = np.mgrid[:h, :w]
+    canvases = np.full((n, h, w), 0.2, np.float16)
+    lesion = np.zeros((n, h, w), bool)
+    lesions = [(0, 60.0, 100.0, 20.0, 1), (1, 130.0, 180.0, 20.0, 2)]
+    for i, x, y, r, _ in lesions:
+        lesion[i] = (xx - x) ** 2 + (yy - y) ** 2 <= r**2
+        canvases[i][lesion[i]] = 1.0
+    breast = np.ones((n, h, w), bool)
+    return Films([f"f{i}" for i in range(n)], np.arange(n).astype(str), np.array([1, 2, 0, 0]), canvases,
+                 np.zeros((n, 8, 8), np.float32), np.zeros((n, 8, 8), np.float32),
+                 np.zeros((n, h // cell, w // cell), np.int8), np.ones((n, h // cell, w // cell), bool),
+                 breast, lesion, np.array(lesions, np.float64), np.zeros(n, bool), [], [])
+
+
+def test_patch_sampler_centres_lesion_patches_on_lesions_and_normal_ones_away():
+    from models.bundle_recipe import PatchSampler
+
+    films = _synthetic_films()
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_lesion_patches=20, scan_normal_patches=60)
+    x, y = PatchSampler(films, np.arange(4), cfg).epoch(np.random.default_rng(0))
+    assert x.shape == (100, 64, 64, 1) and x.dtype == np.float32
+    assert np.bincount(y).tolist() == [60, 20, 20]
+    centre = x[:, 31:33, 31:33, 0].min(axis=(1, 2))
+    assert (centre[y > 0] > 0.8).all()  # on the disk, whatever the flips and turns
+    assert (x[y == 0, 31:33, 31:33, 0].max(axis=(1, 2)) < 0.4).all()  # never on a lesion
+
+
+def test_hard_negatives_are_high_scoring_cells_clear_of_lesions():
+    from models.bundle_recipe import PatchSampler
+
+    films = _synthetic_films()
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32)
+    sampler = PatchSampler(films, np.arange(4), cfg)
+    cells = np.zeros((len(sampler.normal_films), 8, 6, 3), np.float32)
+    cells[..., 0] = 1.0
+    cells[:, 3, 1] = [0.1, 0.9, 0.0]  # on film 0's lesion (x 60, y 100): excluded there
+    cells[:, 7, 5] = [0.2, 0.0, 0.8]  # far from every lesion: kept everywhere
+    hard = sampler.hard_negatives(cells, per_film=2)
+    assert {(int(i), x, y) for i, x, y in hard} >= {(i, 176.0, 240.0) for i in range(4)}
+    assert (0, 48.0, 112.0) not in {(int(i), x, y) for i, x, y in hard}
+    assert (2, 48.0, 112.0) in {(int(i), x, y) for i, x, y in hard}

@@ -237,7 +237,7 @@ def test_lesion_multibranch_hands_over_to_its_recipe(tmp_path, mias_dir, monkeyp
     assert (data_root / "mias").resolve() == mias_dir.resolve()
     assert out == tmp_path / "run" and bundle is None and every == 1
     assert cfg.folds == 3 and cfg.cls_epochs == 2
-    assert cfg.seg_epochs == bundle_recipe.RecipeConfig().seg_epochs  # not given: the recipe's
+    assert cfg.scan_epochs == bundle_recipe.RecipeConfig().scan_epochs  # not given: the recipe's
 
 
 def _bad_config(tmp_path: Path, text: str) -> str:

@@ -471,6 +471,9 @@ def write_bundle(
         raise FileExistsError(f"{out} exists; choose another folder or pass overwrite=True")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # an ordinary folder, not mkdtemp's owner-only one
     try:
         _assemble(tmp, classifier_model, segmenter_model, meta, float16)
         try:
@@ -538,12 +541,19 @@ def _assemble(folder: Path, classifier: Any, segmenter: Any, meta: dict[str, Any
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished folder to ``out``; an old bundle is removed only after the swap."""
+    """Rename the finished folder to ``out``; an old bundle is removed only after the swap.
+
+    Files of the old folder that the bundle does not write (a package marker, a README) are
+    carried over.
+    """
     if not out.exists():
         os.rename(tmp, out)
         return
     if not overwrite:
         raise FileExistsError(f"{out} appeared during the export")
+    for extra in out.iterdir():
+        if extra.is_file() and not (tmp / extra.name).exists():
+            shutil.copy2(extra, tmp / extra.name)
     old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(out, old)
     try:

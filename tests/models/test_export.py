@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,9 +293,18 @@ def test_failed_overwrite_keeps_the_old_bundle(models, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.undo()
+    (out / "__init__.py").write_text("# package marker\n")
     export.write_bundle(out, classifier, segmenter, metadata(version="0.2.0"), overwrite=True)
     assert json.loads((out / "model.json").read_text())["version"] == "0.2.0"
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
+    assert (out / "__init__.py").read_text() == "# package marker\n"  # kept across the swap
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_model_card_puts_reference_models_side_by_side():

@@ -142,3 +142,39 @@ def test_hard_negatives_are_high_scoring_cells_clear_of_lesions():
     assert {(int(i), x, y) for i, x, y in hard} >= {(i, 176.0, 240.0) for i in range(4)}
     assert (0, 48.0, 112.0) not in {(int(i), x, y) for i, x, y in hard}
     assert (2, 48.0, 112.0) in {(int(i), x, y) for i, x, y in hard}
+
+
+def _write_oof(out, probs, labels, seed=0):
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    patients = np.arange(n).astype(str)
+    folds = np.arange(n) % 3
+    other = rng.dirichlet(np.ones(3), size=n)
+    (out / "oof_predictions.json").write_text(json.dumps({
+        "names": [f"f{i}" for i in range(n)], "patients": patients.tolist(), "labels": labels.tolist(),
+        "folds": folds.tolist(), "lesion_multibranch": probs.tolist(), "seed_multibranch": other.tolist(),
+        "patch_scan": other.tolist()}))
+
+
+def test_temperature_is_shipped_only_when_it_lowers_the_cross_fitted_ece(tmp_path, monkeypatch):
+    from models import bundle_recipe
+    from models import evaluation as ev
+
+    rng = np.random.default_rng(1)
+    labels = np.tile([0, 1, 2], 60)
+    # Overconfident: the right class gets 0.95 but is right only 60 % of the time.
+    right = rng.random(len(labels)) < 0.6
+    top = np.where(right, labels, (labels + 1) % 3)
+    probs = np.full((len(labels), 3), 0.025)
+    probs[np.arange(len(labels)), top] = 0.95
+    _write_oof(tmp_path, probs, labels)
+    reports, temperature, calibration = bundle_recipe.evaluate_oof(tmp_path)
+    assert temperature > 1.5 and calibration["shipped_temperature"] == temperature
+    assert calibration["ece_with_cross_fitted_temperature"] < calibration["ece_without_temperature"]
+    assert reports["lesion_multibranch_calibrated"]["ece"]["value"] < reports["lesion_multibranch"]["ece"]["value"]
+
+    # A temperature that makes things worse on held-out folds is not shipped.
+    monkeypatch.setattr(ev, "fit_temperature", lambda p, y: 0.2)
+    reports, temperature, calibration = bundle_recipe.evaluate_oof(tmp_path)
+    assert temperature == 1.0 and calibration["fitted_temperature"] == 0.2
+    assert reports["lesion_multibranch_calibrated"] == reports["lesion_multibranch"]

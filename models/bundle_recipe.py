@@ -18,8 +18,9 @@ Evaluation is 5-fold cross-validation grouped by patient (stratified by label); 
 computed on out-of-fold predictions, i.e. on patients the fold's models never saw. Two
 references run on the same folds: the seed-style whole-image multi-branch model (narrow CNN ||
 ImageNet Lite0 on the whole film at 224 px) and the plain patch scan (the top cells of the
-scanner's map read as class probabilities, no classifier). The temperature is fitted on the out-of-fold probabilities. The shipped models are
-then trained on all films with the same recipe.
+scanner's map read as class probabilities, no classifier). A temperature fitted on the
+out-of-fold probabilities is shipped if it lowers the cross-fitted calibration error. The shipped
+models are then trained on all films with the same recipe.
 """
 
 from __future__ import annotations
@@ -96,7 +97,6 @@ class Films:
     canvases: np.ndarray  # (N, rows, cols) float16
     globals_: np.ndarray  # (N, g, g) float32
     baseline: np.ndarray  # (N, b, b) float32, the whole film for the seed-style reference
-    cell_labels: np.ndarray  # (N, cr, cc) int8: 0/1/2 cell class, -1 ignored
     cell_breast: np.ndarray  # (N, cr, cc) bool
     canvas_breast: np.ndarray  # (N, rows, cols) bool, the breast on the canvas
     canvas_lesion: np.ndarray  # (N, rows, cols) bool ground-truth lesions on the canvas
@@ -123,7 +123,7 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
     import cv2
 
     names, patients, labels, canvases, globals_, base = [], [], [], [], [], []
-    cell_labels, cell_breast, canvas_breast, canvas_lesion, inputs, mammos = [], [], [], [], [], []
+    cell_breast, canvas_breast, canvas_lesion, inputs, mammos = [], [], [], [], []
     lesions, unknown = [], []
     c = cfg.cell_px
     for i, r in enumerate(records):
@@ -132,17 +132,9 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
         benign, malignant = _severity_masks(r, m.pixels.shape)
         cb = x["canvas_t"].apply(benign, nearest=True).astype(bool)
         cm = x["canvas_t"].apply(malignant, nearest=True).astype(bool)
-        rows, cols = cfg.canvas[0] // c, cfg.canvas[1] // c
-        frac_b = cb.reshape(rows, c, cols, c).mean(axis=(1, 3))
-        frac_m = cm.reshape(rows, c, cols, c).mean(axis=(1, 3))
-        lab = np.zeros((rows, cols), np.int8)
-        lab[frac_b > 0.1] = 1
-        lab[frac_m > 0.1] = 2
         bc = breast_cells(x["canvas_breast"], c)
-        lab[~bc] = -1
-        # Abnormal films without a lesion centre (spread calcifications): their cells are unknown.
-        if r.label != "Normal" and not any(les.radius for les in r.lesions):
-            lab[:] = -1
+        # Abnormal films without a lesion centre (spread calcifications): no normal patch is
+        # drawn from them, as any of their tissue may be the lesion.
         unknown.append(r.label != "Normal" and not any(les.radius for les in r.lesions))
         for les in r.lesions:
             if les.radius is None or les.x is None:
@@ -156,7 +148,6 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
         globals_.append(x["global"])
         whole = cv2.resize(m.pixels, (cfg.baseline_px, cfg.baseline_px), interpolation=cv2.INTER_AREA)
         base.append(whole)
-        cell_labels.append(lab)
         cell_breast.append(bc)
         canvas_breast.append(x["canvas_breast"])
         canvas_lesion.append(cb | cm)
@@ -165,7 +156,7 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
         if (i + 1) % 50 == 0:
             log.info("prepared %d/%d films", i + 1, len(records))
     return Films(names, np.array(patients), np.array(labels), np.stack(canvases), np.stack(globals_),
-                 np.stack(base), np.stack(cell_labels), np.stack(cell_breast), np.stack(canvas_breast),
+                 np.stack(base), np.stack(cell_breast), np.stack(canvas_breast),
                  np.stack(canvas_lesion), np.array(lesions, np.float64).reshape(-1, 5),
                  np.array(unknown, bool), inputs, mammos)
 

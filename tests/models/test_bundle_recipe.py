@@ -111,7 +111,7 @@ def _synthetic_films(n=4, h=256, w=192, cell=32):
     breast = np.ones((n, h, w), bool)
     return Films([f"f{i}" for i in range(n)], np.arange(n).astype(str), np.array([1, 2, 0, 0]), canvases,
                  np.zeros((n, 8, 8), np.float32), np.zeros((n, 8, 8), np.float32),
-                 np.zeros((n, h // cell, w // cell), np.int8), np.ones((n, h // cell, w // cell), bool),
+                 np.ones((n, h // cell, w // cell), bool),
                  breast, lesion, np.array(lesions, np.float64), np.zeros(n, bool), [], [])
 
 

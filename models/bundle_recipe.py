@@ -432,27 +432,29 @@ def train_scanner(films: Films, idx: np.ndarray, cfg: RecipeConfig, seed: int):
     scanner = build_scanner(cfg)
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
 
-    def fit(lr: float, hard: np.ndarray | None = None) -> None:
+    def compile_at(lr: float) -> None:
+        scanner.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                        metrics=["accuracy"])
+
+    def fit(hard: np.ndarray | None = None) -> None:
         x, y = sampler.epoch(rng, hard)
         h = scanner.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=True)
         for key in history:
             history[key].append(float(h.history[key][0]))
-        log.info("scanner epoch %d: loss %.3f, accuracy %.3f (lr %g)", len(history["loss"]),
-                 history["loss"][-1], history["accuracy"][-1], lr)
+        log.info("scanner epoch %d: loss %.3f, accuracy %.3f", len(history["loss"]),
+                 history["loss"][-1], history["accuracy"][-1])
 
-    scanner.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"])
-    fit(1e-3)
+    compile_at(1e-3)
+    fit()
     unfreeze_lite0_top(scanner, cfg.scan_blocks)
-    scanner.compile(optimizer=keras.optimizers.Adam(2e-4), loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"])
+    compile_at(2e-4)
     hard = None
     for e in range(cfg.scan_epochs):
         if cfg.scan_hard_epoch is not None and e == cfg.scan_hard_epoch:
             normal = sampler.normal_films
             hard = sampler.hard_negatives(cell_probs(build_segmenter(cfg, scanner), films.canvases[normal]))
             log.info("scanner: %d hard negatives from %d films", len(hard), len(normal))
-        fit(2e-4, hard)
+        fit(hard)
     return scanner, history
 
 

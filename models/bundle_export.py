@@ -40,6 +40,28 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, evaluation
 
 
+def _description(config: dict[str, Any]) -> str:
+    scales = [int(s) for s in config.get("scan_scales", [1])]
+    patch, cell = config["patch_px"], config["cell_px"]
+    if scales == [1]:
+        scan = (f"Tiled segmenter: a patch scanner (ImageNet EfficientNet-Lite0, top blocks fine-tuned "
+                f"on {patch} px patches at native resolution around the MIAS lesion circles and on "
+                f"normal tissue) run convolutionally over the whole breast, giving each {cell} px cell "
+                f"P(normal tissue, benign lesion, malignant lesion) for the {patch} px window around it.")
+    else:
+        windows = ", ".join(f"{patch * s} px" for s in scales)
+        scan = (f"Tiled segmenter: {len(scales)} patch scanners (ImageNet EfficientNet-Lite0, top "
+                f"blocks fine-tuned on {patch} px patches around the MIAS lesion circles and on "
+                f"normal tissue, cut from the canvas downsampled by {', '.join(map(str, scales))}) "
+                "run convolutionally over the whole breast; each gives every "
+                f"{cell} px cell P(normal tissue, benign lesion, malignant lesion) for the window "
+                f"around it ({windows} of canvas), and the segmenter averages them.")
+    return scan + (" Multi-branch classifier: a narrow CNN on the whole breast at low resolution "
+                   "beside Lite0 on the top candidate patches at native resolution and the "
+                   "candidates' cell probabilities -> Dense(128) -> Dropout(0.5) -> a correction "
+                   "added to the log of the patch-scan reading of the cell map -> softmax.")
+
+
 def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
     """``model.json``'s content that the export does not compute itself."""
     from models.export import MIAS
@@ -54,15 +76,7 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
     return {
         "name": BUNDLE_NAME,
         "version": BUNDLE_VERSION,
-        "description": (
-            "Tiled segmenter: a patch scanner (ImageNet EfficientNet-Lite0, top blocks fine-tuned "
-            "on 128 px patches at 0.2 mm/px around the MIAS lesion circles and on normal tissue) "
-            "run convolutionally over the whole breast, giving each 32 px cell P(normal tissue, "
-            "benign lesion, malignant lesion) for the 128 px window around it. Multi-branch classifier: a narrow CNN on the whole breast at low "
-            "resolution beside Lite0 on the top candidate patches at native resolution and the "
-            "candidates' cell probabilities -> Dense(128) -> Dropout(0.5) -> a correction added "
-            "to the log of the patch-scan reading of the cell map -> softmax."
-        ),
+        "description": _description(config),
         "classes": ["Normal", "Benign", "Cancer"],
         "temperature": float(evaluation["temperature"]),
         "preprocessing": PreprocessConfig.from_dict(config["preprocessing"]).to_dict(),

@@ -71,7 +71,7 @@ def test_segmenter_reads_the_scanner_window_centred_on_each_cell():
 
     from models.bundle_recipe import build_scanner, build_segmenter
 
-    cfg = RecipeConfig(canvas=(256, 192), patch_px=128, cell_px=32)
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=128, cell_px=32, scan_scales=(1,))
     scanner = build_scanner(cfg)
     rng = np.random.default_rng(0)
     scanner.get_layer("scan_probs").set_weights([rng.normal(0, 0.05, (1280, 3)).astype(np.float32),
@@ -97,6 +97,44 @@ def test_segmenter_reads_the_scanner_window_centred_on_each_cell():
         np.testing.assert_array_equal(a, b)
 
 
+def test_two_scale_segmenter_averages_each_scanner_on_its_own_canvas():
+    """A scale-2 scanner reads the canvas mean-pooled 2x2 and its cells cover 2x2 canvas cells;
+    the segmenter is the mean of the scanners' cell probabilities."""
+    import dataclasses
+
+    from models.bundle_recipe import build_scanner, build_segmenter
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_scales=(1, 2))
+    rng = np.random.default_rng(0)
+    scanners = []
+    for _ in range(2):
+        sc = build_scanner(cfg)
+        sc.get_layer("scan_probs").set_weights([rng.normal(0, 0.05, (1280, 3)).astype(np.float32),
+                                                rng.normal(0, 0.2, 3).astype(np.float32)])
+        scanners.append(sc)
+    x = rng.random((1, 256, 192, 1), dtype=np.float32)
+    both = build_segmenter(cfg, scanners).predict_on_batch(x)[0]
+    assert both.shape == (8, 6, 3)
+    full = build_segmenter(cfg, [scanners[0]], [1]).predict_on_batch(x)[0]
+    half_cfg = dataclasses.replace(cfg, canvas=(128, 96), scan_scales=(1,))
+    pooled = x.reshape(1, 128, 2, 96, 2, 1).mean(axis=(2, 4))
+    half = build_segmenter(half_cfg, scanners[1]).predict_on_batch(pooled)[0]
+    assert half.shape == (4, 3, 3)
+    expected = 0.5 * (full + np.repeat(np.repeat(half, 2, axis=0), 2, axis=1))
+    np.testing.assert_allclose(both, expected, atol=1e-5)
+    assert not np.allclose(full, expected, atol=1e-3)  # the second scanner does count
+
+
+def test_recipe_config_rejects_scales_that_do_not_tile_the_canvas():
+    with pytest.raises(ValueError, match="multiple"):
+        RecipeConfig(canvas=(256, 200), cell_px=32, scan_scales=(1,))
+    with pytest.raises(ValueError, match="multiple"):
+        RecipeConfig(canvas=(256, 160), cell_px=32, scan_scales=(1, 2))
+    with pytest.raises(ValueError, match="positive"):
+        RecipeConfig(scan_scales=(0,))
+    assert RecipeConfig(scan_scales=[1, 2]).scan_scales == (1, 2)
+
+
 def _synthetic_films(n=4, h=256, w=192, cell=32):
     """Films with one bright disk lesion on film 0 (benign) and film 1 (malignant)."""
     from models.bundle_recipe import Films
@@ -115,12 +153,15 @@ def _synthetic_films(n=4, h=256, w=192, cell=32):
                  breast, lesion, np.array(lesions, np.float64), np.zeros(n, bool), [], [])
 
 
-def test_patch_sampler_centres_lesion_patches_on_lesions_and_normal_ones_away():
+@pytest.mark.parametrize("scale", [1, 2])
+def test_patch_sampler_centres_lesion_patches_on_lesions_and_normal_ones_away(scale):
     from models.bundle_recipe import PatchSampler
 
     films = _synthetic_films()
     cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_lesion_patches=20, scan_normal_patches=60)
-    x, y = PatchSampler(films, np.arange(4), cfg).epoch(np.random.default_rng(0))
+    sampler = PatchSampler(films, np.arange(4), cfg, scale)
+    assert sampler.canvases.shape == (4, 256 // scale, 192 // scale)
+    x, y = sampler.epoch(np.random.default_rng(0))
     assert x.shape == (100, 64, 64, 1) and x.dtype == np.float32
     assert np.bincount(y).tolist() == [60, 20, 20]
     centre = x[:, 31:33, 31:33, 0].min(axis=(1, 2))

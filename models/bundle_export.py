@@ -48,6 +48,13 @@ def _description(config: dict[str, Any]) -> str:
                 f"on {patch} px patches at native resolution around the MIAS lesion circles and on "
                 f"normal tissue) run convolutionally over the whole breast, giving each {cell} px cell "
                 f"P(normal tissue, benign lesion, malignant lesion) for the {patch} px window around it.")
+    elif set(scales) == {1}:
+        scan = (f"Tiled segmenter: {len(scales)} patch scanners (ImageNet EfficientNet-Lite0, top "
+                f"blocks fine-tuned with different seeds on {patch} px patches at native resolution "
+                "around the MIAS lesion circles and on normal tissue) run convolutionally over the "
+                f"whole breast; each gives every {cell} px cell P(normal tissue, benign lesion, "
+                f"malignant lesion) for the {patch} px window around it, and the segmenter averages "
+                "them.")
     else:
         windows = ", ".join(f"{patch * s} px" for s in scales)
         scan = (f"Tiled segmenter: {len(scales)} patch scanners (ImageNet EfficientNet-Lite0, top "

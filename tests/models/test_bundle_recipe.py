@@ -219,3 +219,14 @@ def test_temperature_is_shipped_only_when_it_lowers_the_cross_fitted_ece(tmp_pat
     reports, temperature, calibration = bundle_recipe.evaluate_oof(tmp_path)
     assert temperature == 1.0 and calibration["fitted_temperature"] == 0.2
     assert reports["lesion_multibranch_calibrated"] == reports["lesion_multibranch"]
+
+
+def test_bundle_description_follows_the_scanners_of_the_run():
+    from models.bundle_export import _description
+
+    one = _description({"patch_px": 128, "cell_px": 32})
+    two = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1]})
+    mixed = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 2]})
+    assert one.startswith("Tiled segmenter: a patch scanner") and "averages" not in one
+    assert "2 patch scanners" in two and "different seeds" in two and "averages" in two
+    assert "downsampled by 1, 2" in mixed and "256 px" in mixed

@@ -6,7 +6,8 @@ The shipped model is lesion-aware and works at native resolution (about 0.2 mm/p
   128 px native-resolution patches (25.6 mm) around the MIAS lesion circles against normal-tissue
   patches, says whether a patch centre is normal tissue, a benign or a malignant lesion. Run
   convolutionally over the whole breast canvas it gives every 32 px cell (6.4 mm) P(normal tissue,
-  benign, malignant) in one pass.
+  benign, malignant) in one pass. The segmenter averages several such scanners
+  (``scan_scales``: two, trained with different seeds).
 - **Multi-branch classifier**: a narrow CNN on the whole breast at low resolution (global context:
   density, asymmetry) beside ImageNet Lite0 on the top-K candidate patches at native resolution,
   plus the candidates' cell probabilities, concatenated into Dense(128, ReLU, L2) -> Dropout(0.5)

@@ -267,13 +267,11 @@ def build_segmenter(cfg: RecipeConfig, scanners, scales=None):
             x = layers.Concatenate(axis=1, name=f"repeat_top{sfx}")([x[:, :1], x])
             x = layers.Concatenate(axis=2, name=f"repeat_left{sfx}")([x[:, :, :1], x])
             x = layers.AveragePooling2D(2, strides=1, padding="valid", name=f"centre_mean{sfx}")(x)
-        if len(scanners) == 1:
-            return keras.Model(inp, layers.Softmax(name="cell_probs")(x), name="tiled_segmenter")
-        x = layers.Softmax(name=f"scanner_probs{sfx}")(x)
+        x = layers.Softmax(name="cell_probs" if len(scanners) == 1 else f"scanner_probs{sfx}")(x)
         if scale > 1:
             x = layers.UpSampling2D(scale, interpolation="nearest", name=f"to_cells{sfx}")(x)
         readings.append(x)
-    out = layers.Average(name="cell_probs")(readings)
+    out = readings[0] if len(readings) == 1 else layers.Average(name="cell_probs")(readings)
     return keras.Model(inp, out, name="tiled_segmenter")
 
 

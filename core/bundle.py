@@ -1,4 +1,5 @@
-"""Model bundles: a folder with ``model.json``, ``classifier.tflite`` and ``segmenter.tflite``.
+"""Model bundles: a folder with ``model.json``, ``classifier.tflite`` and ``segmenter.tflite``
+(and ``verifier.tflite`` when the pipeline re-reads its top cells from patches).
 
 ``model.json`` says everything the app needs (classes in output order, input shapes, the
 preprocessing parameters, the temperature, the pipeline's settings); the app hard-codes none
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 REQUIRED_FILES = ("classifier.tflite", "segmenter.tflite")
+VERIFIER_FILE = "verifier.tflite"  # required when the pipeline sets verify_top
 SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
 
 
@@ -79,7 +81,11 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not SEMVER.match(str(card["version"])):
         raise BundleError(f"{card_path}: version '{card['version']}' is not a semantic version")
     files = card["files"]
-    for name in REQUIRED_FILES:
+    required = list(REQUIRED_FILES)
+    pipeline = card["pipeline"] if isinstance(card["pipeline"], dict) else {}
+    if pipeline.get("verify_top"):
+        required.append(VERIFIER_FILE)
+    for name in required:
         f = folder / name
         if not f.is_file():
             raise BundleError(f"{folder}: the bundle is missing {name}")

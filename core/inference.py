@@ -5,6 +5,7 @@ The walk for one image::
     Mammogram ──breast mask, working transform (core.preprocess)──▶
       canvas (working resolution, chest wall left, letterboxed) ──segmenter.tflite──▶
       per-cell class probabilities (normal tissue / benign lesion / malignant lesion)
+      ──the most lesion-like cells re-read from their own patch (verifier.tflite, if any)──▶
       ──top-K lesion cells inside the breast──▶ K native-resolution patches
       whole breast at low resolution + patches + cell scores ──classifier.tflite──▶
       class probabilities / temperature ──▶ Analysis (maps back at full resolution)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ from core.preprocess import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Analysis", "Analyzer", "BundleError", "Candidates", "candidate_patches", "top_cells"]
+__all__ = ["Analysis", "Analyzer", "BundleError", "Candidates", "candidate_patches", "top_cells",
+           "verify_cells"]
 
 
 @dataclass
@@ -95,6 +98,45 @@ def top_cells(cell_probs: np.ndarray, breast_cells: np.ndarray, k: int, cell_px:
     rc = np.array([divmod(int(i), cell_probs.shape[1]) for i in picks], dtype=np.int64)
     xy = (rc[:, ::-1].astype(np.float64) + 0.5) * cell_px
     return Candidates(rc, xy, cell_probs[rc[:, 0], rc[:, 1]].astype(np.float32))
+
+
+def verify_cells(cells: np.ndarray, canvas: np.ndarray, breast_cells: np.ndarray, k: int,
+                 cell_px: int, patch_px: int, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Re-read the ``k`` most lesion-like cells from their own patch and average the two readings.
+
+    The segmenter reads every cell convolutionally, with the whole canvas around each window; the
+    scanners were trained on isolated ``patch_px`` patches. ``read`` gives the scanners' reading of
+    such patches, centred on each candidate cell and cut from the canvas exactly as in training,
+    and each candidate's probabilities become the mean of both readings. The other cells keep the
+    segmenter's reading.
+
+    Parameters
+    ----------
+    cells : np.ndarray
+        (rows, cols, C) cell probabilities from the segmenter.
+    canvas : np.ndarray
+        (rows * cell_px, cols * cell_px) float32 [0, 1], the segmenter's input.
+    breast_cells : np.ndarray
+        (rows, cols) bool.
+    read : callable
+        (k, patch_px, patch_px) float32 -> (k, C) probabilities.
+
+    Returns
+    -------
+    np.ndarray
+        A new (rows, cols, C) float32 array.
+    """
+    out = cells.astype(np.float32, copy=True)
+    if k <= 0 or not breast_cells.any():
+        return out
+    cand = top_cells(cells, breast_cells, k, cell_px)
+    patches = candidate_patches(canvas.astype(np.float32), cand.canvas_xy, patch_px)
+    second = np.asarray(read(patches), np.float32)
+    if second.shape != (k, cells.shape[-1]):
+        raise ValueError(f"the verifier gave shape {second.shape}, expected {(k, cells.shape[-1])}")
+    r, c = cand.cells_rc[:, 0], cand.cells_rc[:, 1]
+    out[r, c] = 0.5 * (cells[r, c] + second)  # repeated candidates write the same value
+    return out
 
 
 def canvas_lesion_map(cells: np.ndarray, cell_px: int, canvas_breast: np.ndarray) -> np.ndarray:
@@ -263,10 +305,18 @@ class Analyzer:
             self.global_px = int(p["global_px"])
             self.mask_threshold = float(p.get("mask_threshold", 0.5))
             self.temperature = float(card.get("temperature", 1.0))
+            self.verify_top = int(p.get("verify_top", 0))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{bundle.path}: model.json pipeline settings incomplete ({exc})") from None
         self._seg = _Model(bundle.file("segmenter.tflite"), threads)
         self._cls = _Model(bundle.file("classifier.tflite"), threads)
+        self._ver = _Model(bundle.file("verifier.tflite"), threads) if self.verify_top > 0 else None
+        if self._ver is not None:
+            want = (1, self.verify_top, self.patch_px, self.patch_px, 1)
+            got = self._ver.input_shape("verify_patches")
+            if got != want:
+                raise BundleError(f"{bundle.path}: verifier.tflite takes {got}, but model.json's "
+                                  f"pipeline asks for {want}")
         self.cell_classes = tuple(p.get("cell_classes", ("normal", "benign", "malignant")))
         self.uses_prior = any("prior_log" in d["name"] for d in self._cls.inputs)
 
@@ -301,6 +351,21 @@ class Analyzer:
         """Canvas (rows, cols) float32 [0, 1] -> cell probabilities (cell rows, cell cols, C)."""
         (out,) = self._seg({"image": canvas[None, :, :, None]})
         return out[0]
+
+    def verify(self, patches: np.ndarray) -> np.ndarray:
+        """(verify_top, P, P) patches -> (verify_top, C) the scanners' patch readings."""
+        if self._ver is None:
+            raise ValueError("this bundle has no verifier")
+        (out,) = self._ver({"verify_patches": patches[None, ..., None]})
+        return out[0]
+
+    def cell_map(self, canvas: np.ndarray, in_breast: np.ndarray) -> np.ndarray:
+        """The segmenter's cell map, its top cells re-read by the verifier if the bundle has one."""
+        cells = self.segment(canvas)
+        if self._ver is None:
+            return cells
+        return verify_cells(cells, canvas, in_breast, self.verify_top, self.cell_px, self.patch_px,
+                            self.verify)
 
     def classify(self, global_img: np.ndarray, patches: np.ndarray, scores: np.ndarray,
                  prior: np.ndarray | None = None) -> np.ndarray:
@@ -345,9 +410,9 @@ class Analyzer:
         t0 = time.perf_counter()
         x = self.inputs_for(mammogram)
         t1 = time.perf_counter()
-        cells = self.segment(x["canvas"])
-        t2 = time.perf_counter()
         in_breast = self.breast_cells(x["canvas_breast"])
+        cells = self.cell_map(x["canvas"], in_breast)
+        t2 = time.perf_counter()
         cand = top_cells(cells, in_breast, self.top_k, self.cell_px)
         canvas_t: Transform = x["canvas_t"]
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
@@ -391,7 +456,7 @@ class Analyzer:
             x, cells = analysis.cache["inputs"], analysis.cache["cells"]
         else:
             x = self.inputs_for(mammogram)
-            cells = self.segment(x["canvas"])
+            cells = self.cell_map(x["canvas"], self.breast_cells(x["canvas_breast"]))
         in_breast = self.breast_cells(x["canvas_breast"])
         cand = top_cells(cells, in_breast, self.top_k, self.cell_px)
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)

@@ -63,6 +63,7 @@ __all__ = [
 FORMAT_VERSION = 1  # of model.json; raise when a key changes meaning
 CLASSIFIER_FILE = "classifier.tflite"
 SEGMENTER_FILE = "segmenter.tflite"
+VERIFIER_FILE = "verifier.tflite"
 CARD_FILE = "MODEL_CARD.md"
 DEFAULT_RANGE = (0.0, 1.0)  # every image and score input of the app is in [0, 1]
 PARITY_TOL = {False: 1e-4, True: 1e-2}  # max |Keras - LiteRT| on random inputs, by float16
@@ -420,6 +421,7 @@ def write_bundle(
     *,
     float16: bool = False,
     overwrite: bool = False,
+    verifier_model: Any = None,
 ) -> Path:
     """Export both models, ``model.json`` and ``MODEL_CARD.md`` as a bundle folder, atomically.
 
@@ -446,6 +448,9 @@ def write_bundle(
         Float16 weights (see :func:`to_tflite`).
     overwrite : bool
         Replace an existing ``out_dir`` (only once the new bundle is complete).
+    verifier_model : keras.Model, optional
+        The patch verifier, written as ``verifier.tflite`` (the pipeline's ``verify_top`` must be
+        its number of patches; without it, ``verify_top`` must be absent or 0).
 
     Returns
     -------
@@ -466,6 +471,10 @@ def write_bundle(
     if n_out != len(meta["classes"]):
         raise ValueError(f"the classifier gives {n_out} outputs but metadata names "
                          f"{len(meta['classes'])} classes {meta['classes']}")
+    verify_top = int(meta["pipeline"].get("verify_top", 0) or 0)
+    if (verifier_model is None) != (verify_top == 0):
+        raise ValueError("the pipeline's verify_top and the verifier model must come together "
+                         f"(verify_top {verify_top}, verifier {'given' if verifier_model else 'none'})")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another folder or pass overwrite=True")
@@ -475,7 +484,7 @@ def write_bundle(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # an ordinary folder, not mkdtemp's owner-only one
     try:
-        _assemble(tmp, classifier_model, segmenter_model, meta, float16)
+        _assemble(tmp, classifier_model, segmenter_model, meta, float16, verifier_model)
         try:
             load_bundle(tmp)
         except BundleError as exc:
@@ -494,13 +503,16 @@ def _first_output_shape(model: Any) -> tuple[Any, ...]:
     return tuple(keras.tree.flatten(model.output)[0].shape)
 
 
-def _assemble(folder: Path, classifier: Any, segmenter: Any, meta: dict[str, Any], float16: bool) -> None:
+def _assemble(folder: Path, classifier: Any, segmenter: Any, meta: dict[str, Any], float16: bool,
+              verifier: Any = None) -> None:
     meta = dict(meta)  # entries are moved into the card in order; the caller's copy stays whole
     ranges = meta.pop("input_ranges", {})
     io: dict[str, dict[str, list[dict[str, Any]]]] = {}
     parity: dict[str, float] = {}
-    for role, model, file in (("classifier", classifier, CLASSIFIER_FILE),
-                              ("segmenter", segmenter, SEGMENTER_FILE)):
+    roles = [("classifier", classifier, CLASSIFIER_FILE), ("segmenter", segmenter, SEGMENTER_FILE)]
+    if verifier is not None:
+        roles.append(("verifier", verifier, VERIFIER_FILE))
+    for role, model, file in roles:
         path = to_tflite(model, folder / file, float16=float16)
         io[role] = describe_tflite(path)
         for spec in io[role]["inputs"]:
@@ -531,7 +543,7 @@ def _assemble(folder: Path, classifier: Any, segmenter: Any, meta: dict[str, Any
     card["created"] = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     card.update(meta)  # any further keys the caller gave (changelog, training settings, ...)
     files = {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size}
-             for f in (CLASSIFIER_FILE, SEGMENTER_FILE)}
+             for _, _, f in roles}
     card["files"] = files
     (folder / CARD_FILE).write_text(render_model_card(card), encoding="utf-8")
     files[CARD_FILE] = {"sha256": sha256_file(folder / CARD_FILE),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from core.bundle import BundleError, load_bundle
-from core.inference import Analyzer, candidate_patches, top_cells
+from core.inference import Analyzer, candidate_patches, top_cells, verify_cells
 from core.io import read_image
 
 
@@ -78,6 +78,34 @@ def test_candidate_patches_centre_and_pad():
     assert p.shape == (2, 4, 4)
     assert p[0, 2, 2] == work[5, 5]
     assert p[1, 0, 0] == 0.0 and p[1, 2, 2] == work[0, 0]
+
+
+def test_verify_cells_rereads_the_top_cells_from_patches_centred_on_them():
+    rng = np.random.default_rng(0)
+    rows, cols, cell, patch = 6, 5, 32, 64
+    cells = rng.dirichlet((8, 1, 1), size=(rows, cols)).astype(np.float32)
+    breast = np.ones((rows, cols), bool)
+    breast[0] = False
+    canvas = rng.random((rows * cell, cols * cell)).astype(np.float32)
+    seen = []
+
+    def read(patches):  # a reading that depends on the patch's centre pixel only
+        seen.append(patches.copy())
+        centre = patches[:, patch // 2, patch // 2]
+        return np.stack([1 - centre, centre / 2, centre / 2], axis=1)
+
+    out = verify_cells(cells, canvas, breast, 3, cell, patch, read)
+    top = top_cells(cells, breast, 3, cell).cells_rc
+    changed = np.argwhere(np.abs(out - cells).sum(axis=-1) > 0)
+    assert sorted(map(tuple, changed)) == sorted(map(tuple, top))
+    for r, c in top:
+        v = canvas[r * cell + cell // 2, c * cell + cell // 2]
+        np.testing.assert_allclose(out[r, c], 0.5 * (cells[r, c] + [1 - v, v / 2, v / 2]), rtol=1e-6)
+    assert seen[0].shape == (3, patch, patch)
+    assert np.allclose(out.sum(axis=-1), 1, atol=1e-5)
+    np.testing.assert_array_equal(verify_cells(cells, canvas, breast, 0, cell, patch, read), cells)
+    with pytest.raises(ValueError, match="shape"):
+        verify_cells(cells, canvas, breast, 3, cell, patch, lambda p: np.zeros((2, 3)))
 
 
 def _copy_bundle(src, tmp_path):

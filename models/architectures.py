@@ -4,8 +4,11 @@ The study compared a ladder of CNNs on whole mammograms (naive baseline -> basel
 norm, L2 and global average pooling -> a deliberately overfitting model -> a regularised model ->
 wider, deeper and narrower variants), transfer learning on EfficientNet, a hybrid multi-branch
 model (narrow CNN beside EfficientNet, the study's best) and a modified U-Net after Hossain
-(2022). MammoLab adds the shipped classifier, ``lesion_multibranch``, which looks at the whole
-breast at low resolution and at candidate patches at native resolution.
+(2022). MammoLab adds ``lesion_multibranch``, the design of the shipped classifier as a
+registry model that ``mammolab train`` can fit end to end: the whole breast at low resolution
+beside candidate patches at native resolution. The bundled model itself is built by
+``models.bundle_recipe``, whose head also takes the patch-scan reading as a prior and learns a
+correction to it, and is trained on precomputed patch features.
 
 Conventions shared by all builders:
 
@@ -603,7 +606,8 @@ def lesion_multibranch(
     batch_size: int | None = None,
     name: str = "lesion_multibranch",
 ) -> keras.Model:
-    """The shipped classifier: whole breast at low resolution + candidate patches at native resolution.
+    """The shipped classifier's design: whole breast at low resolution + candidate patches at native
+    resolution (the bundle's own head, with the patch-scan prior, is in ``models.bundle_recipe``).
 
     ``global -> narrow CNN -> GAP``; ``patches -> (K into the batch) -> one shared Lite0 -> (back
     to K) -> max and mean over K``; optionally the candidates' segmenter scores, flattened; all

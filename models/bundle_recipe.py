@@ -8,6 +8,9 @@ The shipped model is lesion-aware and works at native resolution (about 0.2 mm/p
   convolutionally over the whole breast canvas it gives every 32 px cell (6.4 mm) P(normal tissue,
   benign, malignant) in one pass. The segmenter averages several such scanners
   (``scan_scales``: two, trained with different seeds).
+- **Verifier**: the segmenter's 16 most lesion-like cells are re-read by the same scanners from
+  their own 128 px patch, exactly as the scanners were trained, and each of those cells gets the
+  mean of the two readings (``verify_top``).
 - **Multi-branch classifier**: a narrow CNN on the whole breast at low resolution (global context:
   density, asymmetry) beside ImageNet Lite0 on the top-K candidate patches at native resolution,
   plus the candidates' cell probabilities, concatenated into Dense(128, ReLU, L2) -> Dropout(0.5)
@@ -45,6 +48,7 @@ from core.inference import (
     pipeline_inputs,
     scan_prior,
     top_cells,
+    verify_cells,
 )
 from core.io import read_image
 from core.preprocess import PreprocessConfig
@@ -80,6 +84,11 @@ class RecipeConfig:
     # folds two scale-1 scanners averaged read macro AUC 0.695 from the scan against 0.673 and
     # 0.657 alone; a scale-2 scanner (256 px, 51 mm windows) alone read 0.528 and lowered both.
     scan_scales: tuple[int, ...] = (1, 1)
+    # The segmenter's most lesion-like cells (this many) are re-read by the scanners from their
+    # own patch, as in training, and the two readings averaged (0: off; scale-1 scanners only).
+    # On exploratory out-of-fold maps of the MIAS folds, re-reading the top 16 raised the scan's
+    # macro AUC 0.695 -> 0.730 and its cancer AUC 0.713 -> 0.771 (top 8: 0.723, 0.759).
+    verify_top: int = 16
     cls_epochs: int = 5
     use_prior: bool = True  # the head corrects the patch-scan reading instead of replacing it
     baseline_px: int = 224
@@ -91,6 +100,11 @@ class RecipeConfig:
         object.__setattr__(self, "scan_scales", tuple(int(s) for s in self.scan_scales))
         if not self.scan_scales or any(s < 1 for s in self.scan_scales):
             raise ValueError(f"scan_scales must be positive integers, got {self.scan_scales}")
+        if self.verify_top < 0:
+            raise ValueError(f"verify_top must be 0 (off) or positive, got {self.verify_top}")
+        if self.verify_top and set(self.scan_scales) != {1}:
+            raise ValueError("verify_top needs scale-1 scanners only (patches are cut from the "
+                             f"canvas itself), got scan_scales {self.scan_scales}; set verify_top=0")
         for s in self.scan_scales:
             if any(side % (self.cell_px * s) for side in self.canvas):
                 raise ValueError(f"canvas {self.canvas} is not a multiple of cell_px x scale "
@@ -273,6 +287,34 @@ def build_segmenter(cfg: RecipeConfig, scanners, scales=None):
         readings.append(x)
     out = readings[0] if len(readings) == 1 else layers.Average(name="cell_probs")(readings)
     return keras.Model(inp, out, name="tiled_segmenter")
+
+
+def build_verifier(cfg: RecipeConfig, scanners):
+    """The exported verifier: the scanners' mean reading of ``verify_top`` patches.
+
+    ``verify_patches`` (verify_top, patch_px, patch_px, 1) [0, 1] -> ``verify_probs``
+    (verify_top, 3) cell class probabilities, for :func:`core.inference.verify_cells`.
+    """
+    import keras
+    from keras import layers
+
+    if not isinstance(scanners, (list, tuple)):
+        scanners = [scanners]
+    shape = (cfg.patch_px, cfg.patch_px, 1)
+    inp = keras.Input((cfg.verify_top, *shape), name="verify_patches")
+    readings = []
+    for j, scanner in enumerate(scanners):
+        sfx = "" if j == 0 else f"_{j}"
+        backbone = _lite0_features(shape, f"lite0_verify{sfx}", pooled=True)
+        backbone.set_weights(scanner.get_layer("lite0_scan").get_weights())
+        dense = layers.Dense(len(CELL_CLASSES), activation="softmax", name=f"verify_dense{sfx}")
+        one = keras.Sequential([backbone, dense], name=f"verify_scanner{sfx}")
+        one.build((None, *shape))
+        dense.set_weights(scanner.get_layer("scan_probs").get_weights())
+        readings.append(layers.TimeDistributed(one, name=f"per_patch{sfx}")(inp))
+    out = readings[0] if len(readings) == 1 else layers.Average(name="mean_reading")(readings)
+    out = layers.Activation("linear", name="verify_probs")(out)
+    return keras.Model(inp, out, name="patch_verifier")
 
 
 def apply_narrow_branch(x, l2):
@@ -525,6 +567,19 @@ def cell_probs(segmenter, canvases: np.ndarray) -> np.ndarray:
                            for i in range(0, len(canvases), 2)])
 
 
+def verified_probs(films: Films, probs: np.ndarray, verifier, cfg: RecipeConfig) -> np.ndarray:
+    """Every film's cell map with its top cells re-read by the verifier, as the app does."""
+    if verifier is None or cfg.verify_top == 0:
+        return probs
+
+    def read(patches: np.ndarray) -> np.ndarray:
+        return verifier.predict_on_batch(patches[None, ..., None])[0]
+
+    return np.stack([verify_cells(probs[i], films.canvases[i], films.cell_breast[i],
+                                  cfg.verify_top, cfg.cell_px, cfg.patch_px, read)
+                     for i in range(len(probs))])
+
+
 def candidates_for(films: Films, probs: np.ndarray, cfg: RecipeConfig) -> list[Candidates]:
     return [top_cells(probs[i], films.cell_breast[i], cfg.top_k, cfg.cell_px) for i in range(len(probs))]
 
@@ -701,6 +756,8 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         tr, te = np.asarray(tr), np.asarray(te)
         scanners, scan_hist = train_scanners(films, tr, cfg, cfg.seed + fold)
         probs_all = cell_probs(build_segmenter(cfg, scanners), films.canvases)
+        verifier = build_verifier(cfg, scanners) if cfg.verify_top else None
+        probs_all = verified_probs(films, probs_all, verifier, cfg)
         oof_cells[te] = probs_all[te]
         cands = candidates_for(films, probs_all, cfg)
         pf = patch_features(patch_stack(films, cands, cfg), patch_backbone)
@@ -747,12 +804,15 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         {"names": films.names, "patients": films.patients.tolist(), "labels": y.tolist(),
          "folds": fold_of.tolist(), **{k: v.tolist() for k, v in oof.items()}}))
     (out / "histories.json").write_text(json.dumps(histories))
+    # The out-of-fold cell maps, for studying the scan's aggregation without retraining.
+    np.savez_compressed(out / "oof_cells.npz", cells=oof_cells, names=np.array(films.names))
     reports, temperature, calibration = evaluate_oof(out, cfg.seed)
 
     # Final models on all films.
     scanners, scan_hist = train_scanners(films, np.arange(n), cfg, cfg.seed)
     segmenter = build_segmenter(cfg, scanners)
-    probs_all = cell_probs(segmenter, films.canvases)
+    verifier = build_verifier(cfg, scanners) if cfg.verify_top else None
+    probs_all = verified_probs(films, cell_probs(segmenter, films.canvases), verifier, cfg)
     cands = candidates_for(films, probs_all, cfg)
     pf = patch_features(patch_stack(films, cands, cfg), patch_backbone)
     scores = np.stack([c.scores for c in cands])
@@ -762,6 +822,8 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     classifier = build_classifier(cfg, head)
     classifier.save(out / "classifier.keras")
     segmenter.save(out / "segmenter.keras")
+    if verifier is not None:
+        verifier.save(out / "verifier.keras")
     summary = {"reports": reports, "segmenter": seg_report, "temperature": float(temperature),
                "calibration": calibration,
                "final_history": final_hist, "final_scanner_history": scan_hist, "seconds": time.perf_counter() - t_start,

@@ -44,8 +44,8 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     m = read_image(image)
     x = a.inputs_for(m)
-    cells = a.segment(x["canvas"])
     in_breast = a.breast_cells(x["canvas_breast"])
+    cells = a.cell_map(x["canvas"], in_breast)
     cand = top_cells(cells, in_breast, a.top_k, a.cell_px)
     patches, _ = patches_at(m, x, cand, a.patch_px)
     prior = scan_prior(cells, in_breast)
@@ -54,6 +54,7 @@ def main() -> None:
         "read_image": _time(lambda: read_image(image), args.repeat),
         "preprocess": _time(lambda: a.inputs_for(m), args.repeat),
         "segmenter (LiteRT)": _time(lambda: a.segment(x["canvas"]), args.repeat),
+        "segmenter + verifier": _time(lambda: a.cell_map(x["canvas"], in_breast), args.repeat),
         "classifier (LiteRT)": _time(lambda: a.classify(x["global"], patches, cand.scores, prior),
                                       args.repeat),
         "analyze, total": _time(lambda: a.analyze(m), args.repeat),

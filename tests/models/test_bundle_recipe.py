@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
+from core.bundle import BundleError  # noqa: E402
 from core.inference import Analyzer  # noqa: E402
 from core.io import read_image  # noqa: E402
 from core.preprocess import PreprocessConfig  # noqa: E402
@@ -48,6 +49,8 @@ def test_cross_validation_reports_out_of_fold_figures(tiny_run):
     for f in ("confusion_matrix.png", "roc_curves.png", "reliability.png", "comparison.md"):
         assert (out / f).stat().st_size > 0
     assert "patch scan" in (out / "comparison.md").read_text()
+    cells = np.load(out / "oof_cells.npz")["cells"]
+    assert cells.shape == (n, 256 // 32, 192 // 32, 3) and np.allclose(cells.sum(axis=-1), 1, atol=1e-4)
 
 
 def test_exported_bundle_runs_in_core(tiny_run, mias_dir):
@@ -61,6 +64,20 @@ def test_exported_bundle_runs_in_core(tiny_run, mias_dir):
     result = a.analyze(m)
     assert result.lesion_mask.shape == m.pixels.shape
     assert abs(float(result.probabilities.sum()) - 1) < 1e-5
+    # The verifier ships with the bundle and re-reads exactly the top cells of the segmenter.
+    assert (bundle / "verifier.tflite").is_file() and card["pipeline"]["verify_top"] == 16
+    x = a.inputs_for(m)
+    raw = a.segment(x["canvas"])
+    cells = result.cache["cells"]
+    changed = np.abs(cells - raw).sum(axis=-1) > 1e-6
+    assert 0 < changed.sum() <= a.verify_top
+    # A bundle whose verifier was removed is refused, not silently run without it.
+    (bundle / "verifier.tflite").rename(bundle / "verifier.off")
+    try:
+        with pytest.raises(BundleError, match="verifier.tflite"):
+            Analyzer.from_bundle(bundle)
+    finally:
+        (bundle / "verifier.off").rename(bundle / "verifier.tflite")
 
 
 def test_segmenter_reads_the_scanner_window_centred_on_each_cell():
@@ -104,7 +121,7 @@ def test_two_scale_segmenter_averages_each_scanner_on_its_own_canvas():
 
     from models.bundle_recipe import build_scanner, build_segmenter
 
-    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_scales=(1, 2))
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_scales=(1, 2), verify_top=0)
     rng = np.random.default_rng(0)
     scanners = []
     for _ in range(2):
@@ -125,14 +142,37 @@ def test_two_scale_segmenter_averages_each_scanner_on_its_own_canvas():
     assert not np.allclose(full, expected, atol=1e-3)  # the second scanner does count
 
 
+def test_verifier_is_the_mean_of_the_scanners_on_each_patch():
+    from models.bundle_recipe import build_scanner, build_verifier
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3)
+    rng = np.random.default_rng(1)
+    scanners = []
+    for _ in range(2):
+        sc = build_scanner(cfg)
+        sc.get_layer("scan_probs").set_weights([rng.normal(0, 0.05, (1280, 3)).astype(np.float32),
+                                                rng.normal(0, 0.2, 3).astype(np.float32)])
+        scanners.append(sc)
+    x = rng.random((1, 3, 64, 64, 1), dtype=np.float32)
+    got = build_verifier(cfg, scanners).predict_on_batch(x)[0]
+    each = [sc.predict_on_batch(x[0]) for sc in scanners]
+    assert got.shape == (3, 3)
+    np.testing.assert_allclose(got, 0.5 * (each[0] + each[1]), atol=1e-5)
+    assert not np.allclose(each[0], each[1], atol=1e-3)
+
+
 def test_recipe_config_rejects_scales_that_do_not_tile_the_canvas():
     with pytest.raises(ValueError, match="multiple"):
         RecipeConfig(canvas=(256, 200), cell_px=32, scan_scales=(1,))
     with pytest.raises(ValueError, match="multiple"):
-        RecipeConfig(canvas=(256, 160), cell_px=32, scan_scales=(1, 2))
+        RecipeConfig(canvas=(256, 160), cell_px=32, scan_scales=(1, 2), verify_top=0)
     with pytest.raises(ValueError, match="positive"):
         RecipeConfig(scan_scales=(0,))
-    assert RecipeConfig(scan_scales=[1, 2]).scan_scales == (1, 2)
+    assert RecipeConfig(scan_scales=[1, 2], verify_top=0).scan_scales == (1, 2)
+    with pytest.raises(ValueError, match="scale-1"):
+        RecipeConfig(scan_scales=(1, 2))
+    with pytest.raises(ValueError, match="verify_top"):
+        RecipeConfig(verify_top=-1)
 
 
 def _synthetic_films(n=4, h=256, w=192, cell=32):
@@ -230,3 +270,6 @@ def test_bundle_description_follows_the_scanners_of_the_run():
     assert one.startswith("Tiled segmenter: a patch scanner") and "averages" not in one
     assert "2 patch scanners" in two and "different seeds" in two and "averages" in two
     assert "downsampled by 1, 2" in mixed and "256 px" in mixed
+    assert "Verifier" not in two
+    verified = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "verify_top": 16})
+    assert "16 most lesion-like cells" in verified and "128 px patch" in verified

@@ -320,3 +320,13 @@ def test_model_card_puts_reference_models_side_by_side():
     assert "| ours | 60 |" in section and "| baseline | 60 |" in section
     assert section.count("How obtained:") == 1  # one method for both, said once
     assert "Measured on: held-out patients" in text
+
+
+def test_verifier_and_verify_top_come_together(models, tmp_path):
+    classifier, segmenter = models
+    with_top = metadata(pipeline={**metadata()["pipeline"], "verify_top": 4})
+    with pytest.raises(ValueError, match="verify_top"):
+        export.write_bundle(tmp_path / "b", classifier, segmenter, with_top)
+    with pytest.raises(ValueError, match="verify_top"):
+        export.write_bundle(tmp_path / "b", classifier, segmenter, metadata(), verifier_model=classifier)
+    assert list(tmp_path.iterdir()) == []

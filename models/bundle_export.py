@@ -18,7 +18,7 @@ from core.preprocess import PreprocessConfig
 log = logging.getLogger(__name__)
 
 BUNDLE_NAME = "MammoLab lesion-aware multi-branch (MIAS)"
-BUNDLE_VERSION = "1.3.0"
+BUNDLE_VERSION = "1.4.0"
 RUN_FILES = ("classifier.keras", "segmenter.keras", "config.json", "evaluation.json")
 
 
@@ -63,6 +63,11 @@ def _description(config: dict[str, Any]) -> str:
                 "run convolutionally over the whole breast; each gives every "
                 f"{cell} px cell P(normal tissue, benign lesion, malignant lesion) for the window "
                 f"around it ({windows} of canvas), and the segmenter averages them.")
+    verify = int(config.get("verify_top", 0))
+    if verify:
+        scan += (f" Verifier: the segmenter's {verify} most lesion-like cells are re-read by the same "
+                 f"scanners from their own {patch} px patch, as in training, and each gets the mean "
+                 "of both readings.")
     return scan + (" Multi-branch classifier: a narrow CNN on the whole breast at low resolution "
                    "beside Lite0 on the top candidate patches at native resolution and the "
                    "candidates' cell probabilities -> Dense(128) -> Dropout(0.5) -> a correction "
@@ -96,6 +101,7 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "global_px": config["global_px"],
             "mask_threshold": float(seg.get("mask_threshold", config["mask_threshold"])),
             "cell_classes": ["normal", "benign", "malignant"],
+            "verify_top": int(config.get("verify_top", 0)),
         },
         "evaluation": {
             "data": data,
@@ -120,8 +126,9 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "four heads in 1.1.0; the scanner without hard-negative mining, which gave macro AUC "
             "0.657 against 0.673 in a separate run; two scale-1 scanners averaged, which read "
             "0.695 from the scan in separate runs where a scale-2 scanner read 0.528; whether to "
-            "ship the temperature, by its cross-fitted ECE), so the figures carry some selection "
-            "optimism. Single scanners of the same recipe read macro AUC 0.628 to 0.673 from the "
+            "ship the temperature, by its cross-fitted ECE; re-reading the top 16 cells, chosen "
+            "among 4, 8, 16 and 32 on exploratory out-of-fold maps), so the figures carry some "
+            "selection optimism. Single scanners of the same recipe read macro AUC 0.628 to 0.673 from the "
             "scan alone in different runs: the spread between runs is of that order.",
             "The segmenter's cells are 6.4 mm and each reads a 25.6 mm window: outlines are coarse "
             "and fine calcifications are not delineated.",
@@ -130,6 +137,11 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "Not a medical device. Not for diagnosis, screening or any clinical decision.",
         ],
         "changelog": [
+            "1.4.0: the segmenter's 16 most lesion-like cells are re-read by the scanners from "
+            "their own patch (verifier.tflite) and the readings averaged; same scanners as 1.3.0 "
+            "(same seeds); macro AUC 0.696 -> 0.716, cancer AUC 0.728 -> 0.741, balanced "
+            "accuracy 0.471 -> 0.499, segmenter Dice 0.24 -> 0.32 and lesion sensitivity at 1 "
+            "false positive per image 0.43 -> 0.53 on the same folds.",
             "1.3.0: the segmenter averages two patch scanners fine-tuned with different seeds "
             "(one in 1.2.0); macro AUC 0.659 -> 0.696 and cancer AUC 0.659 -> 0.728 on the "
             "same folds.",
@@ -159,5 +171,10 @@ def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False) -> Pat
     config, evaluation = _read_run(run)
     classifier = keras.models.load_model(run / "classifier.keras", compile=False)
     segmenter = keras.models.load_model(run / "segmenter.keras", compile=False)
+    verifier = None
+    if config.get("verify_top"):
+        if not (run / "verifier.keras").is_file():
+            raise RunError(f"{run}: the run re-reads its top cells but has no verifier.keras")
+        verifier = keras.models.load_model(run / "verifier.keras", compile=False)
     meta = bundle_metadata(config, evaluation)
-    return write_bundle(out_dir, classifier, segmenter, meta, overwrite=overwrite)
+    return write_bundle(out_dir, classifier, segmenter, meta, overwrite=overwrite, verifier_model=verifier)

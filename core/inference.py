@@ -130,7 +130,7 @@ def verify_cells(cells: np.ndarray, canvas: np.ndarray, breast_cells: np.ndarray
     if k <= 0 or not breast_cells.any():
         return out
     cand = top_cells(cells, breast_cells, k, cell_px)
-    patches = candidate_patches(canvas.astype(np.float32), cand.canvas_xy, patch_px)
+    patches = candidate_patches(np.asarray(canvas, np.float32), cand.canvas_xy, patch_px)
     second = np.asarray(read(patches), np.float32)
     if second.shape != (k, cells.shape[-1]):
         raise ValueError(f"the verifier gave shape {second.shape}, expected {(k, cells.shape[-1])}")

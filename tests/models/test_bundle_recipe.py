@@ -114,21 +114,29 @@ def test_segmenter_reads_the_scanner_window_centred_on_each_cell():
         np.testing.assert_array_equal(a, b)
 
 
+def _random_head_scanners(cfg, rng, n):
+    """``n`` scanners of ImageNet Lite0 with different random heads."""
+    from models.bundle_recipe import build_scanner
+
+    scanners = []
+    for _ in range(n):
+        sc = build_scanner(cfg)
+        sc.get_layer("scan_probs").set_weights([rng.normal(0, 0.05, (1280, 3)).astype(np.float32),
+                                                rng.normal(0, 0.2, 3).astype(np.float32)])
+        scanners.append(sc)
+    return scanners
+
+
 def test_two_scale_segmenter_averages_each_scanner_on_its_own_canvas():
     """A scale-2 scanner reads the canvas mean-pooled 2x2 and its cells cover 2x2 canvas cells;
     the segmenter is the mean of the scanners' cell probabilities."""
     import dataclasses
 
-    from models.bundle_recipe import build_scanner, build_segmenter
+    from models.bundle_recipe import build_segmenter
 
     cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_scales=(1, 2), verify_top=0)
     rng = np.random.default_rng(0)
-    scanners = []
-    for _ in range(2):
-        sc = build_scanner(cfg)
-        sc.get_layer("scan_probs").set_weights([rng.normal(0, 0.05, (1280, 3)).astype(np.float32),
-                                                rng.normal(0, 0.2, 3).astype(np.float32)])
-        scanners.append(sc)
+    scanners = _random_head_scanners(cfg, rng, 2)
     x = rng.random((1, 256, 192, 1), dtype=np.float32)
     both = build_segmenter(cfg, scanners).predict_on_batch(x)[0]
     assert both.shape == (8, 6, 3)
@@ -143,16 +151,11 @@ def test_two_scale_segmenter_averages_each_scanner_on_its_own_canvas():
 
 
 def test_verifier_is_the_mean_of_the_scanners_on_each_patch():
-    from models.bundle_recipe import build_scanner, build_verifier
+    from models.bundle_recipe import build_verifier
 
     cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3)
     rng = np.random.default_rng(1)
-    scanners = []
-    for _ in range(2):
-        sc = build_scanner(cfg)
-        sc.get_layer("scan_probs").set_weights([rng.normal(0, 0.05, (1280, 3)).astype(np.float32),
-                                                rng.normal(0, 0.2, 3).astype(np.float32)])
-        scanners.append(sc)
+    scanners = _random_head_scanners(cfg, rng, 2)
     x = rng.random((1, 3, 64, 64, 1), dtype=np.float32)
     got = build_verifier(cfg, scanners).predict_on_batch(x)[0]
     each = [sc.predict_on_batch(x[0]) for sc in scanners]

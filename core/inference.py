@@ -454,10 +454,11 @@ class Analyzer:
         """
         if analysis is not None and "cells" in analysis.cache:
             x, cells = analysis.cache["inputs"], analysis.cache["cells"]
+            in_breast = self.breast_cells(x["canvas_breast"])
         else:
             x = self.inputs_for(mammogram)
-            cells = self.cell_map(x["canvas"], self.breast_cells(x["canvas_breast"]))
-        in_breast = self.breast_cells(x["canvas_breast"])
+            in_breast = self.breast_cells(x["canvas_breast"])
+            cells = self.cell_map(x["canvas"], in_breast)
         cand = top_cells(cells, in_breast, self.top_k, self.cell_px)
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
         scores = cand.scores

@@ -27,6 +27,7 @@ import numpy as np
 
 from core.bundle import Bundle, BundleError, load_bundle
 from core.io import Mammogram
+from core.pairing import bilateral_probs, check_bilateral
 from core.paths import default_bundle_dir
 from core.preprocess import (
     PreprocessConfig,
@@ -56,6 +57,7 @@ class Analysis:
     model_version: str
     candidates_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # full-res (x, y)
     timings: dict[str, float] = field(default_factory=dict)  # seconds
+    raw_probabilities: np.ndarray | None = None  # (n_classes,) the classifier's, before temperature
     # The model inputs and cell map of this analysis, so heatmap() does not run them again.
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -308,6 +310,11 @@ class Analyzer:
             self.verify_top = int(p.get("verify_top", 0))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{bundle.path}: model.json pipeline settings incomplete ({exc})") from None
+        try:
+            self.bilateral = (check_bilateral(p["bilateral"], len(bundle.classes))
+                              if p.get("bilateral") is not None else None)
+        except ValueError as exc:
+            raise BundleError(f"{bundle.path}: model.json {exc}") from None
         self._seg = _Model(bundle.file("segmenter.tflite"), threads)
         self._cls = _Model(bundle.file("classifier.tflite"), threads)
         self._ver = _Model(bundle.file("verifier.tflite"), threads) if self.verify_top > 0 else None
@@ -344,6 +351,24 @@ class Analyzer:
     @property
     def path(self) -> Path:
         return self.bundle.path
+
+    @property
+    def reads_pairs(self) -> bool:
+        """Whether the bundle can read a film beside the other breast (:meth:`compare`)."""
+        return self.bilateral is not None
+
+    def compare(self, film: Analysis, other: Analysis) -> np.ndarray:
+        """Class probabilities of ``film`` read beside ``other``, the other breast's same view.
+
+        Uses both films' raw classifier probabilities and the bundle's bilateral model
+        (:mod:`core.pairing`); these probabilities replace the film's single-film ones.
+        """
+        if self.bilateral is None:
+            raise ValueError("this bundle has no bilateral model")
+        if film.raw_probabilities is None or other.raw_probabilities is None:
+            raise ValueError("both analyses need their raw classifier probabilities")
+        return bilateral_probs(film.raw_probabilities, other.raw_probabilities,
+                               **self.bilateral).astype(np.float32)
 
     # -- stages, public so training, tests and the heatmap use exactly the same steps ----------
 
@@ -428,7 +453,7 @@ class Analyzer:
             probabilities=probs, classes=self.classes, lesion_probability=lesion_map,
             lesion_mask=lesion_mask, breast_mask=mask, lesion_area_frac=area,
             model_name=self.name, model_version=self.version, candidates_xy=full_xy,
-            cache={"inputs": x, "cells": cells},
+            cache={"inputs": x, "cells": cells}, raw_probabilities=np.asarray(raw, np.float32),
             timings={"preprocess": t1 - t0, "segmenter": t2 - t1, "classifier": t3 - t2,
                      "maps": t4 - t3, "total": t4 - t0},
         )

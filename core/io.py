@@ -189,6 +189,22 @@ def has_dicom_preamble(path: str | Path) -> bool:
         return False
 
 
+def dicom_identity(path: str | Path) -> dict[str, Any] | None:
+    """PatientID, laterality and view of a DICOM file from its header alone (pixels unread).
+
+    Returns None when the file is not a readable DICOM file; the same rules as
+    :func:`read_image` decide the laterality and view.
+    """
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_dicom_preamble(path))
+        laterality, view = _dicom_laterality_view(ds, path)
+        return {"patient_id": str(ds.get("PatientID", "") or ""), "laterality": laterality, "view": view}
+    except Exception as exc:  # any damage: the file simply has no identity to pair by
+        logger.debug("no DICOM identity for %s (%s)", path, _describe(exc))
+        return None
+
+
 def laterality_view_from_name(name: str | Path) -> tuple[str | None, str | None]:
     """Laterality and view spelt in a file name or identifier.
 

@@ -137,6 +137,26 @@ def test_bad_bundles_are_refused(bundle_dir, tmp_path):
         load_bundle(damaged)
 
 
+def test_a_bundle_with_a_broken_bilateral_model_is_refused(bundle_dir, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for f in bundle_dir.iterdir():
+        if f.suffix == ".tflite":
+            (bundle / f.name).symlink_to(f)
+    card = json.loads((bundle_dir / "model.json").read_text())
+    assert card["pipeline"]["bilateral"]["intercept"]  # the shipped bundle reads pairs
+    card["pipeline"]["bilateral"]["coef"] = [[1.0, 2.0]]
+    (bundle / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match=r"model.json pipeline.bilateral needs a \(3, 4\) coef"):
+        Analyzer.from_bundle(bundle)
+    del card["pipeline"]["bilateral"]  # no bilateral model: a bundle that reads one film at a time
+    (bundle / "model.json").write_text(json.dumps(card))
+    single = Analyzer.from_bundle(bundle)
+    assert not single.reads_pairs
+    with pytest.raises(ValueError, match="no bilateral model"):
+        single.compare(None, None)
+
+
 def test_inference_does_not_import_tensorflow(bundle_dir, mias_dir):
     code = (
         "import sys\n"

@@ -1,0 +1,205 @@
+"""The other breast: which film pairs with which, and the bilateral reading of a pair.
+
+A radiologist reads a mammogram beside the other breast's: a density or a distortion present on
+one side only is suspicious, the same pattern on both sides usually is not. The bundled model
+does the same when it can (model.json ``pipeline.bilateral``): the classifier's reading of a film
+and of the matching view of the other breast go into a small multinomial logistic model fitted on
+out-of-fold readings (``models.bilateral``).
+
+Pairing needs to know patient, side and view:
+
+- DICOM: PatientID (with side and view words removed, as CBIS-DDSM writes
+  ``Mass-Test_P_00173_LEFT_CC``), the laterality and view tags (:mod:`core.io`'s rules);
+- MIAS names ``mdbNNN``: films 2k-1 and 2k are the two MLO views of one woman;
+- other names that spell a side (``C_0029_1.LEFT_CC.jpg``, ``P7_R_MLO.png``): the rest of the
+  name, in the same folder, is the patient.
+
+A film pairs only when its group (patient and view) holds exactly one film of each side; anything
+ambiguous stays a single-film reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.io import IMAGE_EXTENSIONS, dicom_identity, has_dicom_preamble, laterality_view_from_name
+
+log = logging.getLogger(__name__)
+
+_MIAS = re.compile(r"^mdb(\d{3})$", re.IGNORECASE)
+_WORD = re.compile(r"[^A-Z0-9]+")
+_SIDE_WORDS = {"L", "R", "LEFT", "RIGHT"}
+_VIEW_WORDS = {"CC", "MLO", "ML", "LM", "LMO", "XCCL", "XCCM", "FB", "SIO", "AT", "CV"}
+MAX_FOLDER_FILES = 2000  # a folder larger than this is not searched for the other breast
+
+
+@dataclass(frozen=True)
+class FilmId:
+    """Who and what a film shows, as far as pairing needs it."""
+
+    patient: str
+    side: str  # "L" or "R"; for MIAS numbering, "odd" or "even"
+    view: str | None
+
+
+def _strip_side_view(text: str) -> str:
+    """An identifier without its side and view words (``Mass-Test_P_00173_LEFT_CC`` ->
+    ``MASS-TEST-P-00173``)."""
+    words = [w for w in _WORD.split(text.upper()) if w]
+    kept = [w for w in words if w not in _SIDE_WORDS and w not in _VIEW_WORDS
+            and not (len(w) > 2 and w[0] in "LR" and w[1:] in _VIEW_WORDS)]
+    return "-".join(kept)
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() in (".dcm", ".dicom") or (path.suffix == "" and has_dicom_preamble(path))
+
+
+def film_id(path: str | Path, meta: dict[str, Any] | None = None) -> FilmId | None:
+    """The pairing identity of a film, or None when it cannot be told.
+
+    Parameters
+    ----------
+    path : path
+        The file; its name (and for DICOM, its header) is what is looked at.
+    meta : dict, optional
+        :attr:`core.io.Mammogram.meta` when the image is already read (saves reading the header).
+    """
+    path = Path(path)
+    is_dicom = meta.get("format") == "DICOM" if meta is not None else _is_dicom(path)
+    if is_dicom:
+        if meta is not None:
+            tags = {t.get("keyword"): t.get("value") for t in meta.get("dicom_tags", [])}
+            ident = {"patient_id": str(tags.get("PatientID") or ""),
+                     "laterality": meta.get("laterality"), "view": meta.get("view")}
+        else:
+            ident = dicom_identity(path)
+            if ident is None:
+                return None
+        patient = _strip_side_view(ident["patient_id"])
+        if not patient or ident["laterality"] not in ("L", "R"):
+            return None
+        return FilmId(f"dicom:{patient}", ident["laterality"], ident["view"])
+    folder = str(path.parent.resolve())
+    m = _MIAS.match(path.stem)
+    if m:
+        n = int(m.group(1))
+        return FilmId(f"{folder}/mias-{(n + 1) // 2:03d}", "odd" if n % 2 else "even", "MLO")
+    side, view = laterality_view_from_name(path.stem)
+    patient = _strip_side_view(path.stem)
+    if side is None or not patient:
+        return None
+    return FilmId(f"{folder}/{patient}", side, view)
+
+
+def pair_up(ids: Sequence[FilmId | None]) -> list[int]:
+    """For each film, the index of its other-breast film, or -1.
+
+    Films pair when their patient and view match, their sides differ, and their group holds
+    exactly those two films.
+    """
+    groups: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    for i, fid in enumerate(ids):
+        if fid is not None:
+            groups[(fid.patient, fid.view)].append(i)
+    out = [-1] * len(ids)
+    for members in groups.values():
+        if len(members) == 2:
+            a, b = members
+            if ids[a].side != ids[b].side:
+                out[a], out[b] = b, a
+    return out
+
+
+def pair_files(paths: Sequence[str | Path]) -> list[int]:
+    """:func:`pair_up` on files, reading no pixels (DICOM headers only)."""
+    ids = []
+    for p in paths:
+        try:
+            ids.append(film_id(p))
+        except (OSError, ValueError) as exc:  # unreadable files are reported when classified
+            log.debug("no pairing identity for %s (%s)", p, exc)
+            ids.append(None)
+    return pair_up(ids)
+
+
+def find_other_breast(path: str | Path, meta: dict[str, Any] | None = None) -> Path | None:
+    """The other breast's film of ``path`` in the same folder, or None.
+
+    Looks only at image files in that folder (not below it); folders of more than
+    :data:`MAX_FOLDER_FILES` entries are not searched.
+    """
+    path = Path(path)
+    own = film_id(path, meta)
+    if own is None:
+        return None
+    try:
+        entries = sorted(path.parent.iterdir())
+    except OSError:
+        return None
+    if len(entries) > MAX_FOLDER_FILES:
+        return None
+    others = [f for f in entries
+              if f.name != path.name and f.is_file() and not f.name.startswith(".")
+              and (f.suffix.lower() in IMAGE_EXTENSIONS or (f.suffix == "" and has_dicom_preamble(f)))]
+    ids: list[FilmId | None] = [own]
+    for f in others:
+        try:
+            ids.append(film_id(f))
+        except (OSError, ValueError):
+            ids.append(None)
+    partner = pair_up(ids)[0]
+    return others[partner - 1] if partner > 0 else None
+
+
+# -- the bilateral reading ---------------------------------------------------------------------
+
+
+def bilateral_features(probs: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """(N, 4): log-odds of Benign and Cancer against Normal, for the film then the other breast.
+
+    ``probs`` and ``other`` are raw classifier probabilities (N, 3) or (3,), classes in the
+    bundle's order (Normal, Benign, Cancer).
+    """
+    def log_odds(p: np.ndarray) -> np.ndarray:
+        lp = np.log(np.clip(np.atleast_2d(np.asarray(p, np.float64)), 1e-6, 1.0))
+        return lp[:, 1:] - lp[:, :1]
+
+    return np.concatenate([log_odds(probs), log_odds(other)], axis=1)
+
+
+def check_bilateral(params: Any, n_classes: int) -> dict[str, np.ndarray]:
+    """model.json's ``pipeline.bilateral`` as arrays; ValueError says what is wrong."""
+    if not isinstance(params, dict):
+        raise ValueError("pipeline.bilateral must be an object")
+    try:
+        coef = np.asarray(params["coef"], np.float64)
+        intercept = np.asarray(params["intercept"], np.float64)
+    except KeyError as exc:
+        raise ValueError(f"pipeline.bilateral lacks {exc}") from None
+    except (TypeError, ValueError):
+        raise ValueError("pipeline.bilateral coef and intercept must be numbers") from None
+    if n_classes != 3 or coef.shape != (3, 4) or intercept.shape != (3,):
+        raise ValueError(f"pipeline.bilateral needs a (3, 4) coef and 3 intercepts for 3 classes "
+                         f"(got {coef.shape}, {intercept.shape}, {n_classes} classes)")
+    if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
+        raise ValueError("pipeline.bilateral holds non-finite numbers")
+    return {"coef": coef, "intercept": intercept}
+
+
+def bilateral_probs(probs: np.ndarray, other: np.ndarray, coef: np.ndarray,
+                    intercept: np.ndarray) -> np.ndarray:
+    """Class probabilities of a film read beside the other breast, (N, 3) (or (3,) for one pair)."""
+    z = bilateral_features(probs, other) @ np.asarray(coef).T + np.asarray(intercept)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out = e / e.sum(axis=1, keepdims=True)
+    return out[0] if np.ndim(probs) == 1 else out

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from core.io import IMAGE_EXTENSIONS, ImageReadError, has_dicom_preamble, read_image
+from core.pairing import pair_files
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class BatchRow:
     index: int = 0  # 1-based position in the run
     total: int = 0
     elapsed_s: float = 0.0
+    other_breast: Path | None = None  # read beside this film (the other breast), if any
 
     def as_csv(self) -> dict[str, str]:
         p = list(self.probabilities) + [None] * (3 - len(self.probabilities))
@@ -60,6 +62,7 @@ class BatchSummary:
     skipped: int
     cancelled: bool
     seconds: float
+    paired: int = 0  # films read beside the other breast
 
 
 def _is_candidate(path: Path) -> bool:
@@ -100,8 +103,14 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
 
 
 def classify_files(analyzer, files: list[Path], masks_dir: str | Path | None = None,
-                   skipped: int = 0) -> Generator[BatchRow, None, BatchSummary]:
+                   skipped: int = 0, pair: bool = True) -> Generator[BatchRow, None, BatchSummary]:
     """Classify each file, yielding a :class:`BatchRow`; never stops at a bad file.
+
+    With a bundle that reads pairs (:attr:`core.inference.Analyzer.reads_pairs`), a film whose
+    other breast is also among ``files`` (:func:`core.pairing.pair_files`) is read beside it: the
+    two are analysed one after the other and both rows carry the bilateral probabilities and
+    ``other_breast``. Films without a partner, or whose partner failed, keep the single-film
+    reading.
 
     Closing the generator (``.close()``, or a superqt worker's ``quit()``) cancels the run after
     the current file; the summary is then not returned.
@@ -116,35 +125,61 @@ def classify_files(analyzer, files: list[Path], masks_dir: str | Path | None = N
         Write each lesion mask as ``<stem>_mask.png`` (0/255) here.
     skipped : int
         Carried into the summary.
+    pair : bool
+        Read films beside the other breast when the bundle can (default).
     """
     start = time.perf_counter()
-    ok = failed = 0
     out_dir = Path(masks_dir) if masks_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     used_names: set[str] = set()
-    for i, f in enumerate(files, 1):
-        row = BatchRow(path=f, status="ok", index=i, total=len(files), model_version=analyzer.version)
+    partner = pair_files(files) if pair and getattr(analyzer, "reads_pairs", False) else [-1] * len(files)
+
+    def analyse(i: int) -> tuple[BatchRow, object]:
+        f = files[i]
+        row = BatchRow(path=f, status="ok", total=len(files), model_version=analyzer.version)
+        analysis = None
         try:
             m = read_image(f)
-            a = analyzer.analyze(m)
-            row.predicted = a.predicted
-            row.probabilities = tuple(float(v) for v in a.probabilities)
-            row.lesion_area_frac = a.lesion_area_frac
+            analysis = analyzer.analyze(m)
+            row.predicted = analysis.predicted
+            row.probabilities = tuple(float(v) for v in analysis.probabilities)
+            row.lesion_area_frac = analysis.lesion_area_frac
             if out_dir:
                 name = _unique_name(f, used_names)
-                cv2.imwrite(str(out_dir / name), a.lesion_mask.astype(np.uint8) * 255)
-            ok += 1
+                cv2.imwrite(str(out_dir / name), analysis.lesion_mask.astype(np.uint8) * 255)
         except ImageReadError as exc:
             row.status, row.error = "error", str(exc)
-            failed += 1
         except Exception as exc:  # one bad file must never stop a batch
             log.exception("analysis failed for %s", f)
             row.status, row.error = "error", f"{f.name}: analysis failed ({type(exc).__name__}: {exc})"
-            failed += 1
-        row.elapsed_s = time.perf_counter() - start
-        yield row
-    return BatchSummary(len(files), ok, failed, skipped, False, time.perf_counter() - start)
+            analysis = None
+        return row, analysis
+
+    ok = failed = paired = done = 0
+    finished: set[int] = set()
+    for i in range(len(files)):
+        if i in finished:
+            continue
+        group = [i] if partner[i] < 0 or partner[i] in finished else [i, partner[i]]
+        results = [analyse(k) for k in group]
+        finished.update(group)
+        if len(results) == 2 and all(r.status == "ok" for r, _ in results):
+            (row_a, a), (row_b, b) = results
+            for row, film, other, other_path in ((row_a, a, b, row_b.path), (row_b, b, a, row_a.path)):
+                probs = analyzer.compare(film, other)
+                row.probabilities = tuple(float(v) for v in probs)
+                row.predicted = analyzer.classes[int(np.argmax(probs))]
+                row.other_breast = other_path
+            paired += 2
+        for row, _ in results:
+            done += 1
+            ok += row.status == "ok"
+            failed += row.status != "ok"
+            row.index = done
+            row.elapsed_s = time.perf_counter() - start
+            yield row
+    return BatchSummary(len(files), ok, failed, skipped, False, time.perf_counter() - start, paired)
 
 
 def _unique_name(path: Path, used: set[str]) -> str:

@@ -1,7 +1,7 @@
 """The ``mammolab`` command.
 
     mammolab [PATH] [--model DIR] [--screenshot OUT.png]    the desktop app (default)
-    mammolab classify PATH... --csv OUT [--model DIR] [--masks DIR]
+    mammolab classify PATH... --csv OUT [--model DIR] [--masks DIR] [--no-pair]
     mammolab train ... | evaluate ... | export ...          (need the training extras)
 
 The GUI and the training commands are imported only when asked for, so ``classify`` never loads
@@ -46,6 +46,9 @@ def _classify_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, metavar="OUT", help="CSV file to write")
     p.add_argument("--model", metavar="DIR", help="model bundle folder (default: the bundled model)")
     p.add_argument("--masks", metavar="DIR", help="also write each lesion mask as a PNG here")
+    p.add_argument("--no-pair", action="store_true",
+                   help="read every film alone (default: a film whose other breast, same view, is "
+                        "among the files is read beside it, when the model can)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     return p
 
@@ -72,7 +75,7 @@ def _classify(argv: list[str]) -> int:
         print("mammolab classify: no image files found in the given paths", file=sys.stderr)
         return 2
     rows = []
-    gen = classify_files(analyzer, files, args.masks, skipped)
+    gen = classify_files(analyzer, files, args.masks, skipped, pair=not args.no_pair)
     try:
         for row in gen:
             rows.append(row)
@@ -86,7 +89,9 @@ def _classify(argv: list[str]) -> int:
     failed = sum(r.status != "ok" for r in rows)
     if not args.quiet:
         print(file=sys.stderr)
-    print(f"{len(rows)} classified ({len(rows) - failed} ok, {failed} failed), "
+    paired = sum(r.other_breast is not None for r in rows)
+    pairing = f", {paired} read beside the other breast" if analyzer.reads_pairs and not args.no_pair else ""
+    print(f"{len(rows)} classified ({len(rows) - failed} ok, {failed} failed{pairing}), "
           f"{skipped} other files skipped; CSV: {out}", file=sys.stderr)
     return 1 if failed else 0
 

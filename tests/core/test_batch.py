@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from core.batch import CSV_COLUMNS, classify_files, find_images, write_csv
@@ -134,3 +135,63 @@ def test_classify_on_all_cbis_dicoms_without_tensorflow(cbis_dicoms, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     rows = list(csv.DictReader(open(out, newline="")))
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.fixture()
+def pair_folder(tmp_path, mias_dir):
+    """Both films of MIAS woman 1 (mdb001/002), mdb007 without its mdb008, and mdb009 beside a
+    broken mdb010 (its other breast)."""
+    d = tmp_path / "pairs"
+    d.mkdir()
+    for name in ("mdb001.png", "mdb002.png", "mdb007.png"):
+        shutil.copy(mias_dir / name, d / name)
+    shutil.copy(mias_dir / "mdb009.png", d / "mdb009.png")
+    (d / "mdb010.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return d
+
+
+def test_classify_reads_pairs_beside_each_other(analyzer, pair_folder):
+    from core.io import read_image
+
+    assert analyzer.reads_pairs
+    files, _ = find_images([pair_folder])
+    gen = classify_files(analyzer, files)
+    rows = []
+    try:
+        while True:
+            rows.append(next(gen))
+    except StopIteration as stop:
+        summary = stop.value
+    by_name = {r.path.name: r for r in rows}
+    assert [r.index for r in rows] == [1, 2, 3, 4, 5]
+    assert by_name["mdb001.png"].other_breast == pair_folder / "mdb002.png"
+    assert by_name["mdb002.png"].other_breast == pair_folder / "mdb001.png"
+    a = analyzer.analyze(read_image(pair_folder / "mdb001.png"))
+    b = analyzer.analyze(read_image(pair_folder / "mdb002.png"))
+    np.testing.assert_allclose(by_name["mdb001.png"].probabilities, analyzer.compare(a, b), atol=1e-6)
+    np.testing.assert_allclose(by_name["mdb002.png"].probabilities, analyzer.compare(b, a), atol=1e-6)
+    assert by_name["mdb001.png"].predicted == analyzer.classes[int(np.argmax(analyzer.compare(a, b)))]
+    # The bilateral reading differs from the single-film one (else this test proves nothing).
+    assert np.abs(np.array(by_name["mdb001.png"].probabilities) - a.probabilities).max() > 1e-3
+    # No partner (mdb007's mdb008 is absent) or a partner that fails: the single-film reading.
+    alone = analyzer.analyze(read_image(pair_folder / "mdb007.png"))
+    np.testing.assert_allclose(by_name["mdb007.png"].probabilities, alone.probabilities, atol=1e-6)
+    assert by_name["mdb007.png"].other_breast is None
+    nine = analyzer.analyze(read_image(pair_folder / "mdb009.png"))
+    np.testing.assert_allclose(by_name["mdb009.png"].probabilities, nine.probabilities, atol=1e-6)
+    assert by_name["mdb009.png"].other_breast is None and by_name["mdb010.png"].status == "error"
+    assert summary.paired == 2 and summary.ok == 4 and summary.failed == 1
+
+    single = list(classify_files(analyzer, files, pair=False))
+    np.testing.assert_allclose(single[0].probabilities, a.probabilities, atol=1e-6)
+    assert all(r.other_breast is None for r in single)
+
+
+def test_cli_says_how_many_films_were_paired(pair_folder, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert main(["classify", str(pair_folder), "--csv", str(out), "-q"]) == 1
+    assert "2 read beside the other breast" in capsys.readouterr().err
+    header = open(out, newline="").readline().strip()
+    assert header == ",".join(CSV_COLUMNS)
+    assert main(["classify", str(pair_folder), "--csv", str(out), "-q", "--no-pair"]) == 1
+    assert "beside" not in capsys.readouterr().err

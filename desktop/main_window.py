@@ -99,6 +99,7 @@ class MainWindow(QMainWindow):
     image_shown = Signal(object)  # core.io.Mammogram now on screen
     analysis_shown = Signal(object)  # core.inference.Analysis shown in the panel and overlays
     heatmap_shown = Signal(object)  # (H, W) float heatmap shown
+    other_breast_shown = Signal(object)  # desktop.workers.OtherBreast shown (path None: none found)
     image_job_finished = Signal()  # the current image's read / analysis / heatmap job ended
     error_shown = Signal(str, str)  # title, message of an error dialog
     model_changed = Signal(object)  # the Analyzer now in use
@@ -118,6 +119,8 @@ class MainWindow(QMainWindow):
         self.settings = settings if settings is not None else QSettings()
         self.analyzer = analyzer
         self._with_heatmap = with_heatmap
+        self._compare = str(self.settings.value("analysis/compare_other_breast", "true")).lower() != "false"
+        self.other_breast = None  # the OtherBreast of the image shown, if it was read as a pair
         self._show_disclaimer = show_disclaimer
         self.mammogram = None
         self.analysis = None
@@ -264,6 +267,17 @@ class MainWindow(QMainWindow):
         )
 
         self.reanalyse_action = a("&Analyse Again", self._on_reanalyse_triggered, ["F5"])
+        self.compare_action = a(
+            "Compare with the &Other Breast",
+            self._on_compare_toggled,
+            ["B"],
+            True,
+            tip="Read the film beside the other breast's film of the same view, when the folder "
+            "holds it and the model can",
+        )
+        self.compare_action.blockSignals(True)
+        self.compare_action.setChecked(self._compare)
+        self.compare_action.blockSignals(False)
         self.load_model_action = a(
             "&Load Model Bundle…",
             self._on_load_model_triggered,
@@ -318,6 +332,7 @@ class MainWindow(QMainWindow):
 
         analysis_menu = menu.addMenu("&Analysis")
         analysis_menu.addAction(self.reanalyse_action)
+        analysis_menu.addAction(self.compare_action)
         analysis_menu.addSeparator()
         analysis_menu.addAction(self.load_model_action)
         analysis_menu.addAction(self.bundled_model_action)
@@ -527,7 +542,7 @@ class MainWindow(QMainWindow):
     def _open_file(self, path: Path) -> None:
         self._pending_path = path
         self.statusBar().showMessage(f"Opening {path.name}…")
-        self.runner.start(path, self.analyzer, self._with_heatmap)
+        self.runner.start(path, self.analyzer, self._with_heatmap, self._compare)
         self._update_nav_actions()
 
     def open_next(self) -> None:
@@ -568,6 +583,7 @@ class MainWindow(QMainWindow):
         handler = {
             "image": self._show_image,
             "analysis": self._show_analysis,
+            "other_breast": self._show_other_breast,
             "heatmap": self._show_heatmap,
         }.get(step.kind)
         if handler is not None:
@@ -586,6 +602,14 @@ class MainWindow(QMainWindow):
                 f"The model could not analyse this image:\n\n{step.value}\n\n"
                 "The image is still shown; try another image or another model bundle.",
             )
+        elif step.kind == "other_breast_failed":
+            other_path, exc = step.value
+            reason = getattr(exc, "reason", None) or str(exc)
+            self.results.set_pairing_note(
+                f"Read alone: the other breast's film {other_path.name} could not be analysed "
+                f"({reason})."
+            )
+            self._after_other_breast()
         elif step.kind == "heatmap_failed":
             self._heatmap_failed = True
             self.results.set_heatmap_status(f"The heatmap could not be computed: {step.value}")
@@ -641,14 +665,50 @@ class MainWindow(QMainWindow):
         analysis = step.value
         self.analysis = analysis
         self._heatmap_failed = False
+        self.other_breast = None
         self.results.show_analysis(analysis)
         self.viewer.set_mask(analysis.lesion_mask)
-        if self._with_heatmap:
+        reads_pairs = bool(getattr(self.analyzer, "reads_pairs", False))
+        if not reads_pairs:
+            self.results.set_pairing_note("This model reads one film at a time.")
+        elif not self._compare:
+            self.results.set_pairing_note(
+                "Read alone: comparison with the other breast is off (Analysis menu, B)."
+            )
+        else:
+            self.results.set_pairing_note("Looking for the other breast…")
+        if reads_pairs and self._compare:
+            self.results.set_busy(True, "Classified alone; reading it beside the other breast…")
+        elif self._with_heatmap:
             self.results.set_busy(True, "Classified; computing the explanation heatmap…")
             self.results.set_heatmap_status("Computing…")
         else:
             self.results.set_busy(False, "Analysis done.")
         self.analysis_shown.emit(analysis)
+
+    def _show_other_breast(self, step: Step) -> None:
+        other = step.value
+        if other.path is None:
+            self.results.set_pairing_note(
+                "Read alone: no film of the other breast (same patient and view) in this folder."
+            )
+        else:
+            self.other_breast = other
+            self.results.show_other_breast(other)
+        self._after_other_breast()
+        self.other_breast_shown.emit(other)
+
+    def _after_other_breast(self) -> None:
+        if self._with_heatmap:
+            self.results.set_busy(True, "Classified; computing the explanation heatmap…")
+            self.results.set_heatmap_status("Computing…")
+        else:
+            self.results.set_busy(False, "Analysis done.")
+
+    def _on_compare_toggled(self, checked: bool) -> None:
+        self._compare = checked
+        self.settings.setValue("analysis/compare_other_breast", "true" if checked else "false")
+        self._on_reanalyse_triggered()
 
     def _show_heatmap(self, step: Step) -> None:
         self.viewer.set_heatmap(step.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 from PySide6.QtCore import Qt, Signal
@@ -152,10 +153,14 @@ class ResultsWidget(QWidget):
         self._predicted = QLabel("")
         self._predicted.setTextFormat(Qt.TextFormat.RichText)
         self._lesion_area = QLabel("Lesion area: —")
+        self._pairing = QLabel("")
+        self._pairing.setWordWrap(True)
+        self._pairing.setTextFormat(Qt.TextFormat.RichText)
         result_layout.addWidget(self._status)
         result_layout.addWidget(self._busy)
         result_layout.addWidget(self.bars)
         result_layout.addWidget(self._predicted)
+        result_layout.addWidget(self._pairing)
         result_layout.addWidget(self._lesion_area)
         layout.addWidget(result_box)
 
@@ -264,6 +269,7 @@ class ResultsWidget(QWidget):
         self.bars.clear()
         self._predicted.setText("")
         self._lesion_area.setText("Lesion area: —")
+        self._pairing.setText("")
         self._timing_label.setText("")
         self._heatmap_status.setText("")
 
@@ -279,6 +285,24 @@ class ResultsWidget(QWidget):
         total = analysis.timings.get("total") if analysis.timings else None
         if total is not None:
             self._timing_label.setText(f"Analysed in {total:.2f} s")
+
+    def show_other_breast(self, other) -> None:
+        """Bars of the film read beside the other breast (a ``desktop.workers.OtherBreast``)."""
+        single = other.single
+        self.bars.set_probabilities(other.probabilities, other.predicted)
+        self._predicted.setText(f"Model's top class: <b>{other.predicted}</b>")
+        alone = ", ".join(f"{c} {percent_text(float(p))}"
+                          for c, p in zip(single.classes, single.probabilities, strict=True))
+        self._pairing.setText(
+            f"Read beside the other breast: <b>{html.escape(other.path.name)}</b>.<br>"
+            f"<span style='color: #555555;'>Read alone: {alone}.</span>"
+        )
+
+    def set_pairing_note(self, text: str) -> None:
+        self._pairing.setText(html.escape(text))
+
+    def pairing_text(self) -> str:
+        return self._pairing.text()
 
     def lesion_area_text(self) -> str:
         return self._lesion_area.text()

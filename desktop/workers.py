@@ -31,17 +31,65 @@ ANALYZER_LOCK = threading.Lock()
 class Step:
     """One record a job yields: ``kind`` names the step, ``value`` carries its result."""
 
-    kind: str  # "image", "analysis", "heatmap", "read_failed", "analysis_failed", "heatmap_failed"
+    # "image", "analysis", "other_breast", "heatmap", "read_failed", "analysis_failed",
+    # "other_breast_failed", "heatmap_failed"
+    kind: str
     value: Any
     seconds: float = 0.0
 
 
-def analysis_job(path: Path, analyzer, with_heatmap: bool = True) -> Generator[Step, None, None]:
-    """Read ``path``, then analyse it, then compute the explanation heatmap.
+@dataclass(frozen=True)
+class OtherBreast:
+    """The film read beside the other breast: ``path`` is None when no partner was found."""
+
+    path: Path | None
+    probabilities: Any = None  # (n_classes,) the bilateral reading, or None
+    predicted: str | None = None
+    single: Any = None  # the film's own core.inference.Analysis
+
+
+def other_breast_steps(path: Path, mammogram, analysis, analyzer) -> Generator[Step, None, None]:
+    """Find the other breast's film beside ``path``, analyse it and read the pair.
+
+    Yields one ``other_breast`` step (an :class:`OtherBreast`, its ``path`` None when there is no
+    partner) or an ``other_breast_failed`` step carrying ``(partner path, exception)``; the
+    film's own analysis stands either way.
+    """
+    from core.io import read_image
+    from core.pairing import find_other_breast
+
+    start = time.perf_counter()
+    try:
+        other_path = find_other_breast(path, mammogram.meta)
+    except Exception:  # a folder that cannot be searched is simply no partner
+        log.exception("searching beside %s for the other breast failed", path)
+        other_path = None
+    if other_path is None:
+        yield Step("other_breast", OtherBreast(None, single=analysis), time.perf_counter() - start)
+        return
+    try:
+        other = read_image(other_path)
+        with ANALYZER_LOCK:
+            other_analysis = analyzer.analyze(other)
+        probs = analyzer.compare(analysis, other_analysis)
+    except Exception as exc:
+        log.info("the other breast %s could not be read: %s", other_path, exc)
+        yield Step("other_breast_failed", (other_path, exc))
+        return
+    predicted = analyzer.classes[int(probs.argmax())]
+    yield Step("other_breast", OtherBreast(other_path, probs, predicted, analysis),
+               time.perf_counter() - start)
+
+
+def analysis_job(path: Path, analyzer, with_heatmap: bool = True,
+                 compare: bool = True) -> Generator[Step, None, None]:
+    """Read ``path``, analyse it, read it beside the other breast, then compute the heatmap.
 
     Yields the mammogram first so the image shows at once, the analysis next so the confidence
-    bars appear before the (slower) heatmap. Failures are yielded as ``*_failed`` steps carrying
-    the exception, and end the job.
+    bars appear before the (slower) steps. With ``compare`` and a bundle that reads pairs, the
+    other breast's film (same folder, same view) is found and analysed and the bars are
+    replaced by the pair's reading. Failures are yielded as ``*_failed`` steps carrying the
+    exception; only a failed read or analysis ends the job.
     """
     from core.io import read_image  # imported here: the window must start even without core.io
 
@@ -64,6 +112,8 @@ def analysis_job(path: Path, analyzer, with_heatmap: bool = True) -> Generator[S
         yield Step("analysis_failed", exc)
         return
     yield Step("analysis", analysis, time.perf_counter() - start)
+    if compare and getattr(analyzer, "reads_pairs", False):
+        yield from other_breast_steps(path, mammogram, analysis, analyzer)
     if not with_heatmap:
         return
     start = time.perf_counter()
@@ -100,12 +150,12 @@ class AnalysisRunner(QObject):
     def is_busy(self) -> bool:
         return self._worker is not None
 
-    def start(self, path: Path, analyzer, with_heatmap: bool = True) -> int:
+    def start(self, path: Path, analyzer, with_heatmap: bool = True, compare: bool = True) -> int:
         """Start reading and analysing ``path``; returns the request number."""
         self.cancel()
         self._request += 1
         request = self._request
-        worker = thread_worker(analysis_job, start_thread=False)(path, analyzer, with_heatmap)
+        worker = thread_worker(analysis_job, start_thread=False)(path, analyzer, with_heatmap, compare)
         worker.yielded.connect(lambda step, r=request: self._on_worker_yielded(r, step))
         worker.finished.connect(lambda w=worker, r=request: self._on_worker_finished(w, r))
         self._worker = worker

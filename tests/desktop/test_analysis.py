@@ -13,6 +13,7 @@ from PySide6.QtCore import QPointF
 from PySide6.QtGui import QColor
 
 from core.io import read_image
+from core.pairing import find_other_breast
 from core.paths import default_bundle_dir
 from desktop.results import BAR_STEPS, percent_text
 from desktop.viewer import MASK_FILL
@@ -36,11 +37,15 @@ def dicom_case(analyzer, cbis_dicoms):
 
 
 def test_bars_show_exactly_the_probabilities_core_computes(
-    make_window, qtbot, analyzer, dicom_case
+    make_window, qtbot, analyzer, dicom_case, settings
 ):
     path, expected = dicom_case
+    settings.setValue("analysis/compare_other_breast", "false")  # the film alone
     window = make_window(analyzer=analyzer, with_heatmap=False)
+    assert not window.compare_action.isChecked()
     open_and_wait(qtbot, window, path)
+    assert "comparison with the other breast is off" in window.results.pairing_text()
+    assert window.other_breast is None
     bars = window.results.bars
     assert bars.classes() == tuple(analyzer.classes)
     np.testing.assert_array_equal(window.analysis.probabilities, expected.probabilities)
@@ -50,6 +55,47 @@ def test_bars_show_exactly_the_probabilities_core_computes(
     assert f"{100 * expected.lesion_area_frac:.2f} %" in window.results.lesion_area_text()
     assert analyzer.name in window.results.model_text()
     assert analyzer.version in window.results.model_text()
+
+
+def test_a_film_is_read_beside_the_other_breast(make_window, qtbot, analyzer, dicom_case, settings):
+    path, expected = dicom_case
+    partner = find_other_breast(path)
+    assert partner is not None and partner != path
+    want = analyzer.compare(expected, analyzer.analyze(read_image(partner)))
+    window = make_window(analyzer=analyzer, with_heatmap=False)
+    assert window.compare_action.isChecked()  # on by default
+    open_and_wait(qtbot, window, path)
+    bars = window.results.bars
+    assert window.other_breast is not None and window.other_breast.path == partner
+    assert bars.value_texts() == [percent_text(p) for p in want]
+    assert bars.emphasised() == [analyzer.classes[int(np.argmax(want))]]
+    note = window.results.pairing_text()
+    assert partner.name in note and "Read alone:" in note
+    assert percent_text(float(expected.probabilities[0])) in note
+    # The lesion overlay is still the film's own.
+    np.testing.assert_array_equal(window.analysis.lesion_mask, expected.lesion_mask)
+
+    # Switching the comparison off re-reads the film alone, and is remembered.
+    with qtbot.waitSignal(window.image_job_finished, timeout=60000):
+        window.compare_action.setChecked(False)
+    assert bars.value_texts() == [percent_text(p) for p in expected.probabilities]
+    assert window.other_breast is None
+    assert settings.value("analysis/compare_other_breast") == "false"
+
+
+def test_a_film_without_its_other_breast_is_read_alone(make_window, qtbot, analyzer, mias_dir, tmp_path):
+    shutil.copy(mias_dir / "mdb001.png", tmp_path / "mdb001.png")
+    expected = analyzer.analyze(read_image(tmp_path / "mdb001.png"))
+    window = make_window(analyzer=analyzer, with_heatmap=False)
+    open_and_wait(qtbot, window, tmp_path / "mdb001.png")
+    assert "no film of the other breast" in window.results.pairing_text()
+    assert window.results.bars.value_texts() == [percent_text(p) for p in expected.probabilities]
+    # A partner that cannot be read is said, and the film is still read alone.
+    (tmp_path / "mdb002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    open_and_wait(qtbot, window, tmp_path / "mdb001.png")
+    note = window.results.pairing_text()
+    assert "mdb002.png could not be analysed" in note
+    assert window.results.bars.value_texts() == [percent_text(p) for p in expected.probabilities]
 
 
 def test_mask_overlay_lines_up_with_core_mask(make_window, qtbot, analyzer, dicom_case):

@@ -997,7 +997,7 @@ class MainWindow(QMainWindow):
             self.open_action, self.classify_folder_action, self.next_action, self.previous_action,
             self.fit_action, self.actual_size_action, self.zoom_in_action, self.zoom_out_action,
             self.invert_action, self.flip_action, self.reset_window_action, self.mask_action,
-            self.mask_fill_action, self.heatmap_action, self.reanalyse_action,
+            self.mask_fill_action, self.heatmap_action, self.reanalyse_action, self.compare_action,
             self.shortcuts_action, self.quit_action,
         ]  # fmt: skip
 

@@ -172,6 +172,7 @@ def test_shortcuts_dialog_lists_the_keys(make_window):
     assert entries["Invert Grey Levels"] == "I"
     assert entries["Lesion Mask"] == "M"
     assert entries["Explanation Heatmap"] == "H"
+    assert entries["Compare with the Other Breast"] == "B"
     assert entries["Next Image"].startswith("PgDown")
     assert entries["Previous Image"].startswith("PgUp")
     for name in ("Open", "Zoom In", "Zoom Out", "Flip Horizontally"):

@@ -1,11 +1,19 @@
-"""How much comparing a film with the other breast of the same woman adds (a probe; not in the app).
+"""The bilateral stage: reading a film beside the other breast of the same woman.
 
-``python -m models.bilateral RUN`` reads a recipe run's out-of-fold predictions and reports the
-cancer-vs-rest AUC of each model's P(cancer) as it is, and after subtracting the other breast's
-cancer log-odds. Both films of a woman are always in the same fold, so the adjusted score is as
-out-of-fold as the original. The pairing is by patient: a patient with exactly two films (MIAS:
-the right and left MLO) gives each film the other as its contralateral; anyone else keeps the
-unadjusted score. The app classifies one image at a time and does not do this.
+The shipped classifier reads one film. This stage fits a small multinomial logistic model on its
+out-of-fold probabilities: the inputs are the film's log-odds of Benign and Cancer against
+Normal and the same for the other breast's film (:func:`core.pairing.bilateral_features`); the
+output is the three class probabilities. A lesion on one side only raises the film's log-odds
+but not the other's; a dense or bright pair raises both, and the model learns to discount that.
+
+Honest figures: both films of a woman are in the same cross-validation fold, the classifier's
+probabilities are out of fold, and each fold's films are read by a bilateral model fitted on the
+other folds' films only (cross-fitting). The shipped model is then fitted on all of them.
+Films without a partner keep the single-film probabilities.
+
+``python -m models.bilateral RUN`` prints the figures of a recipe run and, per model of the run,
+the cancer AUC of P(cancer) alone and with the other breast's cancer log-odds subtracted (the
+probe that motivated the stage).
 """
 
 from __future__ import annotations
@@ -13,14 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core.pairing import bilateral_features, bilateral_probs
 from models import evaluation as ev
 
 CANCER = 2  # column of P(cancer) in the recipe's predictions
+CLASSES = ["Normal", "Benign", "Cancer"]
+REGULARISATION_C = 1.0  # scikit-learn's default inverse L2 strength; chosen before looking, kept
 
 
 def contralateral(patients: np.ndarray) -> np.ndarray:
@@ -42,6 +54,99 @@ def bilateral_score(p_cancer: np.ndarray, other: np.ndarray, weight: float = 1.0
     out = logit.copy()
     out[paired] -= weight * logit[other[paired]]
     return out
+
+
+def fit_bilateral(probs: np.ndarray, other: np.ndarray, y: np.ndarray,
+                  rows: np.ndarray | None = None) -> dict[str, list] | None:
+    """The bilateral model fitted on the paired films among ``rows`` (default: all).
+
+    Returns ``{"coef": (3, 4), "intercept": (3,)}`` as lists (model.json's
+    ``pipeline.bilateral``), or None when those films do not hold all three classes.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    probs, other, y = np.asarray(probs, np.float64), np.asarray(other), np.asarray(y)
+    use = other >= 0
+    if rows is not None:
+        mask = np.zeros(len(y), bool)
+        mask[rows] = True
+        use &= mask
+    if len(np.unique(y[use])) < 3:
+        return None
+    x = bilateral_features(probs[use], probs[other[use]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on tiny smoke runs
+        m = LogisticRegression(C=REGULARISATION_C, max_iter=5000).fit(x, y[use])
+    return {"coef": m.coef_.tolist(), "intercept": m.intercept_.tolist()}
+
+
+def apply_bilateral(probs: np.ndarray, other: np.ndarray, single: np.ndarray,
+                    params: dict[str, list] | None, rows: np.ndarray | None = None) -> np.ndarray:
+    """``single`` with the paired films among ``rows`` replaced by their bilateral reading."""
+    out = np.array(single, np.float64, copy=True)
+    if params is None:
+        return out
+    use = np.asarray(other) >= 0
+    if rows is not None:
+        mask = np.zeros(len(out), bool)
+        mask[rows] = True
+        use &= mask
+    if use.any():
+        out[use] = bilateral_probs(probs[use], probs[other[use]], np.asarray(params["coef"]),
+                                   np.asarray(params["intercept"]))
+    return out
+
+
+def cross_fitted(probs: np.ndarray, single: np.ndarray, patients: np.ndarray, y: np.ndarray,
+                 folds: np.ndarray) -> tuple[np.ndarray, list[bool]]:
+    """Each fold's films read by a bilateral model fitted on the other folds' films.
+
+    Returns the probabilities and, per fold, whether a bilateral model could be fitted (a fold
+    whose training films lack a class keeps the single-film probabilities).
+    """
+    other = contralateral(patients)
+    paired = other >= 0
+    if (folds[paired] != folds[other[paired]]).any():
+        raise ValueError("both films of a woman must be in the same fold")
+    out = np.array(single, np.float64, copy=True)
+    fitted = []
+    for k in np.unique(folds):
+        params = fit_bilateral(probs, other, y, np.flatnonzero(folds != k))
+        fitted.append(params is not None)
+        out = apply_bilateral(probs, other, out, params, np.flatnonzero(folds == k))
+    return out, fitted
+
+
+def evaluate_bilateral(oof: dict[str, Any], single: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Cross-fitted figures of the bilateral stage and the model to ship.
+
+    Parameters
+    ----------
+    oof : dict
+        The run's ``oof_predictions.json``.
+    single : ndarray
+        (N, 3) the single-film probabilities the app would show (after the shipped temperature);
+        films without a partner keep these.
+    """
+    y = np.asarray(oof["labels"])
+    patients = np.asarray(oof["patients"])
+    folds = np.asarray(oof["folds"])
+    probs = np.asarray(oof["lesion_multibranch"], np.float64)
+    other = contralateral(patients)
+    combined, fitted = cross_fitted(probs, single, patients, y, folds)
+    params = fit_bilateral(probs, other, y)
+    return {
+        "params": params,
+        "probabilities": combined,
+        "report": ev.classification_report(y, combined, CLASSES, groups=patients, seed=seed),
+        "paired_films": int((other >= 0).sum()),
+        "folds_with_model": fitted,
+        "method": "multinomial logistic regression (L2, C = 1) on the log-odds of Benign and "
+                  "Cancer against Normal of the film and of the other breast's film, from the "
+                  "classifier's out-of-fold probabilities; each fold read by the model fitted on "
+                  "the other folds (cross-fitted); the shipped model is fitted on all paired films; "
+                  "films without a partner keep their single-film probabilities",
+    }
 
 
 def _auc_with_interval(positive: np.ndarray, score: np.ndarray, groups: np.ndarray, seed: int,
@@ -80,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         oof = json.loads(path.read_text())
         result = report(oof)
+        staged = (evaluate_bilateral(oof, np.asarray(oof["lesion_multibranch"], np.float64))
+                  if "folds" in oof and "lesion_multibranch" in oof else None)
     except (OSError, json.JSONDecodeError, KeyError, ValueError, IndexError) as exc:
         print(f"models.bilateral: cannot read {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
@@ -88,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in result.items():
         print(f"| {name} | {r['paired_films']} | {ev.format_figure(r['single'])} | "
               f"{ev.format_figure(r['bilateral'])} |")
+    if staged is not None:
+        print()
+        print(ev.compare_table({"one film (T = 1)": ev.classification_report(
+            np.asarray(oof["labels"]), np.asarray(oof["lesion_multibranch"]), CLASSES,
+            groups=np.asarray(oof["patients"])), "beside the other breast (cross-fitted)": staged["report"]}))
     return 0
 
 

@@ -52,6 +52,7 @@ from core.inference import (
 )
 from core.io import read_image
 from core.preprocess import PreprocessConfig
+from models.bilateral import evaluate_bilateral
 
 log = logging.getLogger(__name__)
 
@@ -655,8 +656,13 @@ def segmentation_maps(films: Films, probs: np.ndarray, cfg: RecipeConfig, idx: n
 # -- the whole run ----------------------------------------------------------------------------
 
 
-def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[str, Any]]:
+def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[str, Any], dict[str, Any]]:
     """Reports, plots and the comparison table from a run's out-of-fold predictions.
+
+    Returns the reports, the temperature to ship, how it was chosen, and the bilateral stage
+    (:func:`models.bilateral.evaluate_bilateral`: its cross-fitted report is
+    ``reports["lesion_multibranch_bilateral"]``, its model ``params`` is shipped; None when it
+    could not be fitted).
 
     The calibrated figures use a cross-fitted temperature: each fold's predictions are scaled
     by the temperature fitted on the other folds' out-of-fold predictions, so no figure is
@@ -698,19 +704,30 @@ def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[
         calibration["calibrated_figures"] = "without temperature (scaling raised the ECE)"
         calibrated = ours
     calibration["shipped_temperature"] = temperature
-    plots.plot_confusion_matrix(reports["lesion_multibranch_calibrated"]["confusion_matrix"], CLASSES,
+    # The other breast: fitted on these out-of-fold probabilities, cross-fitted for its figures.
+    staged = evaluate_bilateral(oof, calibrated, seed)
+    shipped = calibrated
+    rows = {"lesion-aware multi-branch, one film (ours)": reports["lesion_multibranch_calibrated"]}
+    bilateral = None
+    if staged["params"] is not None:
+        reports["lesion_multibranch_bilateral"] = staged["report"]
+        shipped = staged["probabilities"]
+        rows = {"lesion-aware multi-branch beside the other breast (ours, shipped)": staged["report"],
+                **rows}
+        bilateral = {k: staged[k] for k in ("params", "paired_films", "folds_with_model", "method")}
+    plots.plot_confusion_matrix(rows[next(iter(rows))]["confusion_matrix"], CLASSES,
                                 out / "confusion_matrix.png")
-    plots.plot_roc_curves(y, calibrated, CLASSES, out / "roc_curves.png")
-    plots.plot_reliability(y, calibrated, out / "reliability.png")
+    plots.plot_roc_curves(y, shipped, CLASSES, out / "roc_curves.png")
+    plots.plot_reliability(y, shipped, out / "reliability.png")
     hist_path = out / "histories.json"
     if hist_path.exists():
         plots.plot_learning_curves(json.loads(hist_path.read_text())[0], out / "learning_curves.png")
-    table = ev.compare_table({"lesion-aware multi-branch (ours)": reports["lesion_multibranch_calibrated"],
+    table = ev.compare_table({**rows,
                               "seed-style whole-image multi-branch": reports["seed_multibranch"],
                               "patch scan (top cells)": reports["patch_scan"]})
     (out / "comparison.md").write_text(table)
     print(table, flush=True)
-    return reports, temperature, calibration
+    return reports, temperature, calibration, bilateral
 
 
 def reevaluate(out: Path, seed: int = 0) -> dict[str, Any]:
@@ -718,8 +735,8 @@ def reevaluate(out: Path, seed: int = 0) -> dict[str, Any]:
     and rewrite ``evaluation.json`` (the segmenter's figures are kept as the run measured them)."""
     path = out / "evaluation.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
-    reports, temperature, calibration = evaluate_oof(out, seed)
-    summary.update(reports=reports, temperature=temperature, calibration=calibration)
+    reports, temperature, calibration, bilateral = evaluate_oof(out, seed)
+    summary.update(reports=reports, temperature=temperature, calibration=calibration, bilateral=bilateral)
     path.write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
@@ -734,7 +751,10 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    records = load_mias(data_root / "mias")[::every]  # every > 1: a quick smoke run only
+    records = load_mias(data_root / "mias")
+    if every > 1:  # a quick smoke run only: every N-th woman, both her films (pairs stay whole)
+        keep = set(sorted({r.patient_id for r in records})[::every])
+        records = [r for r in records if r.patient_id in keep]
     log.info("MIAS: %d films", len(records))
     films = prepare_films(records, cfg)
     t_prep = time.perf_counter()
@@ -806,7 +826,7 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     (out / "histories.json").write_text(json.dumps(histories))
     # The out-of-fold cell maps, for studying the scan's aggregation without retraining.
     np.savez_compressed(out / "oof_cells.npz", cells=oof_cells, names=np.array(films.names))
-    reports, temperature, calibration = evaluate_oof(out, cfg.seed)
+    reports, temperature, calibration, bilateral = evaluate_oof(out, cfg.seed)
 
     # Final models on all films.
     scanners, scan_hist = train_scanners(films, np.arange(n), cfg, cfg.seed)
@@ -825,7 +845,7 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     if verifier is not None:
         verifier.save(out / "verifier.keras")
     summary = {"reports": reports, "segmenter": seg_report, "temperature": float(temperature),
-               "calibration": calibration,
+               "calibration": calibration, "bilateral": bilateral,
                "final_history": final_hist, "final_scanner_history": scan_hist, "seconds": time.perf_counter() - t_start,
                "n_films": n, "n_patients": int(len(set(films.patients)))}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))

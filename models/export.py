@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from core.bundle import SEMVER, BundleError, load_bundle
+from core.pairing import check_bilateral
 from models.evaluation import compare_table, format_figure
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,12 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("preprocessing", "pipeline"):
         if key in m and not isinstance(m[key], Mapping):
             problems.append(f"'{key}' must be a dict")
+    pipeline = m.get("pipeline")
+    if isinstance(pipeline, Mapping) and pipeline.get("bilateral") is not None:
+        try:
+            check_bilateral(pipeline["bilateral"], len(m.get("classes") or []))
+        except ValueError as exc:
+            problems.append(str(exc))
     if "temperature" in m and not (_is_number(m["temperature"]) and m["temperature"] > 0):
         problems.append(f"'temperature' must be a finite number > 0, got {m['temperature']!r}")
     if "evaluation" in m:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from models.bilateral import bilateral_score, contralateral, main, report
 
@@ -46,3 +47,74 @@ def test_cli_reports_a_run_and_refuses_a_missing_one(tmp_path, capsys):
     assert "| lesion_multibranch | 4 |" in capsys.readouterr().out
     assert main([str(tmp_path / "none")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def _women(n_women: int, seed: int):
+    """Synthetic out-of-fold readings: each woman's two films share an offset on every class's
+    log-odds (density, exposure); one film of some women has a lesion that adds to its own."""
+    rng = np.random.default_rng(seed)
+    offset = np.repeat(rng.normal(0, 1.5, (n_women, 2)), 2, axis=0)
+    labels = np.zeros(2 * n_women, np.int64)
+    labels[0::6] = 2
+    labels[2::6] = 1
+    lift = np.zeros((2 * n_women, 2))
+    lift[labels == 1, 0] = 1.0
+    lift[labels == 2, 1] = 1.5
+    logits = np.concatenate([np.zeros((2 * n_women, 1)), offset + lift + rng.normal(0, 0.3, lift.shape)], 1)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    patients = np.repeat(np.arange(n_women), 2)
+    folds = (patients // 3) % 3  # every fold holds women of each kind
+    return probs, labels, patients, folds
+
+
+def test_the_fitted_model_is_what_core_applies():
+    from sklearn.linear_model import LogisticRegression
+
+    from core.pairing import bilateral_features, bilateral_probs
+    from models.bilateral import fit_bilateral
+
+    probs, y, patients, _ = _women(60, 0)
+    other = contralateral(patients)
+    params = fit_bilateral(probs, other, y)
+    assert np.shape(params["coef"]) == (3, 4) and len(params["intercept"]) == 3
+    x = bilateral_features(probs, probs[other])
+    sk = LogisticRegression(C=1.0, max_iter=5000).fit(x, y).predict_proba(x)
+    np.testing.assert_allclose(bilateral_probs(probs, probs[other], np.array(params["coef"]),
+                                               np.array(params["intercept"])), sk, atol=1e-6)
+    # Without all three classes there is nothing to fit.
+    assert fit_bilateral(probs, other, np.where(y == 1, 0, y)) is None
+
+
+def test_cross_fitting_never_reads_a_fold_with_its_own_labels():
+    from models.bilateral import cross_fitted
+
+    probs, y, patients, folds = _women(60, 1)
+    out, fitted = cross_fitted(probs, probs, patients, y, folds)
+    assert fitted == [True, True, True]
+    shuffled = y.copy()
+    rng = np.random.default_rng(2)
+    shuffled[folds == 0] = rng.permutation(shuffled[folds == 0])
+    again, _ = cross_fitted(probs, probs, patients, shuffled, folds)
+    np.testing.assert_allclose(again[folds == 0], out[folds == 0])  # fold 0 read by folds 1-2
+    assert not np.allclose(again[folds != 0], out[folds != 0])
+    # Partners split across folds would leak a woman into her own model: refused.
+    with pytest.raises(ValueError, match="same fold"):
+        cross_fitted(probs, probs, patients, y, np.arange(len(y)) % 3)
+
+
+def test_the_stage_beats_one_film_when_the_other_breast_carries_the_offset():
+    """The per-woman offset hides lesions from a single film; the pair model removes it."""
+    from models import evaluation as ev
+    from models.bilateral import evaluate_bilateral
+
+    probs, y, patients, folds = _women(90, 3)
+    oof = {"labels": y.tolist(), "patients": patients.tolist(), "folds": folds.tolist(),
+           "lesion_multibranch": probs.tolist()}
+    staged = evaluate_bilateral(oof, probs)
+    single = ev.classification_report(y, probs, ["Normal", "Benign", "Cancer"], groups=patients, n_boot=20)
+    assert staged["paired_films"] == len(y) and staged["params"] is not None
+    assert staged["report"]["macro_auc"]["value"] > single["macro_auc"]["value"] + 0.05
+    # An unpaired film keeps its single-film probabilities.
+    lone = {**oof, "patients": [*oof["patients"][:-1], "alone"]}
+    kept = evaluate_bilateral(lone, probs)["probabilities"]
+    np.testing.assert_allclose(kept[-1], probs[-1])

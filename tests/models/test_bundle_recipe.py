@@ -48,7 +48,8 @@ def test_cross_validation_reports_out_of_fold_figures(tiny_run):
         assert len(set(folds[patients == pid])) == 1
     for f in ("confusion_matrix.png", "roc_curves.png", "reliability.png", "comparison.md"):
         assert (out / f).stat().st_size > 0
-    assert "patch scan" in (out / "comparison.md").read_text()
+    table = (out / "comparison.md").read_text()
+    assert "patch scan" in table and "seed-style" in table and "beside the other breast" in table
     cells = np.load(out / "oof_cells.npz")["cells"]
     assert cells.shape == (n, 256 // 32, 192 // 32, 3) and np.allclose(cells.sum(axis=-1), 1, atol=1e-4)
 
@@ -71,6 +72,15 @@ def test_exported_bundle_runs_in_core(tiny_run, mias_dir):
     cells = result.cache["cells"]
     changed = np.abs(cells - raw).sum(axis=-1) > 1e-6
     assert 0 < changed.sum() <= a.verify_top
+    # The bilateral stage was fitted on the run's out-of-fold readings (every 16th woman, both
+    # films) and ships in the bundle: core reads mdb001 beside mdb002 with exactly that model.
+    assert summary["bilateral"]["paired_films"] == summary["n_films"]
+    assert card["pipeline"]["bilateral"]["coef"] == summary["bilateral"]["params"]["coef"]
+    assert "classifier_single_film" in card["evaluation"]
+    assert a.reads_pairs
+    other = a.analyze(read_image(mias_dir / "mdb002.png"))
+    pair = a.compare(result, other)
+    assert pair.shape == (3,) and abs(float(pair.sum()) - 1) < 1e-5
     # A bundle whose verifier was removed is refused, not silently run without it.
     (bundle / "verifier.tflite").rename(bundle / "verifier.off")
     try:
@@ -252,14 +262,14 @@ def test_temperature_is_shipped_only_when_it_lowers_the_cross_fitted_ece(tmp_pat
     probs = np.full((len(labels), 3), 0.025)
     probs[np.arange(len(labels)), top] = 0.95
     _write_oof(tmp_path, probs, labels)
-    reports, temperature, calibration = bundle_recipe.evaluate_oof(tmp_path)
+    reports, temperature, calibration, _ = bundle_recipe.evaluate_oof(tmp_path)
     assert temperature > 1.5 and calibration["shipped_temperature"] == temperature
     assert calibration["ece_with_cross_fitted_temperature"] < calibration["ece_without_temperature"]
     assert reports["lesion_multibranch_calibrated"]["ece"]["value"] < reports["lesion_multibranch"]["ece"]["value"]
 
     # A temperature that makes things worse on held-out folds is not shipped.
     monkeypatch.setattr(ev, "fit_temperature", lambda p, y: 0.2)
-    reports, temperature, calibration = bundle_recipe.evaluate_oof(tmp_path)
+    reports, temperature, calibration, _ = bundle_recipe.evaluate_oof(tmp_path)
     assert temperature == 1.0 and calibration["fitted_temperature"] == 0.2
     assert reports["lesion_multibranch_calibrated"] == reports["lesion_multibranch"]
 

@@ -244,6 +244,7 @@ def test_float16_export_stores_half_weights_and_stays_close(models, tmp_path):
         ({"files": {}}, "computed by the export"),
         ({"input_ranges": {"global": [1, 0]}}, "input_ranges"),
         ({"extra": np.float32(1.0)}, "plain JSON"),
+        ({"pipeline": {"bilateral": {"coef": [[0.0] * 4] * 2, "intercept": [0.0] * 3}}}, "bilateral"),
     ],
 )
 def test_invalid_metadata_raises_and_writes_nothing(models, tmp_path, change, message):

@@ -119,7 +119,10 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
     return {
         "name": BUNDLE_NAME,
         "version": BUNDLE_VERSION,
-        "description": _description(config),
+        "description": _description(config) + (
+            " Bilateral reading: when the other breast's film of the same view is at hand, both "
+            "films' classifier log-odds go into a multinomial logistic model (pipeline.bilateral) "
+            "whose probabilities replace the film's own." if bilateral is not None else ""),
         "classes": ["Normal", "Benign", "Cancer"],
         "temperature": float(evaluation["temperature"]),
         "preprocessing": PreprocessConfig.from_dict(config["preprocessing"]).to_dict(),

@@ -129,7 +129,10 @@ class BatchTableModel(QAbstractTableModel):
                 return row.status
             return self.data(index, Qt.ItemDataRole.DisplayRole)
         if role == Qt.ItemDataRole.ToolTipRole:
-            return str(row.path) if ok else f"{row.path}\n{row.error}"
+            if not ok:
+                return f"{row.path}\n{row.error}"
+            other = getattr(row, "other_breast", None)
+            return str(row.path) + (f"\nRead beside the other breast: {other.name}" if other else "\nRead alone")
         if role == Qt.ItemDataRole.ForegroundRole and not ok:
             return _ERROR_BRUSH
         if role == Qt.ItemDataRole.TextAlignmentRole and 2 <= column <= 5:
@@ -290,7 +293,9 @@ class BatchDialog(QDialog):
         failed = sum(1 for r in self.model.rows() if r.status != "ok")
         self.progress.setValue(done)
         errors = f", {failed} error{'s' if failed != 1 else ''}" if failed else ""
-        self.count_label.setText(f"{done} / {total}{errors}")
+        paired = sum(1 for r in self.model.rows() if getattr(r, "other_breast", None) is not None)
+        pairs = f", {paired} read beside the other breast" if paired else ""
+        self.count_label.setText(f"{done} / {total}{errors}{pairs}")
         elapsed = time.perf_counter() - self._started
         if done < total:
             self.eta_label.setText(f"ETA {format_seconds(elapsed / done * (total - done))}")

@@ -129,3 +129,20 @@ def test_a_new_run_replaces_a_running_one(make_window, qtbot, analyzer, tmp_path
         pass
     qtbot.wait(300)
     assert sorted(r.path.parent for r in dialog.rows()) == [second, second]
+
+
+def test_batch_reads_pairs_and_says_so(make_window, qtbot, analyzer, mias_dir, tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for name in ("mdb001.png", "mdb002.png", "mdb007.png"):
+        shutil.copy(mias_dir / name, folder / name)
+    window = make_window(analyzer=analyzer)
+    dialog = window.classify_folder(folder)
+    with qtbot.waitSignal(dialog.batch_finished, timeout=120000):
+        pass
+    assert dialog.count_label.text() == "3 / 3, 2 read beside the other breast"
+    by_name = {r.path.name: r for r in dialog.rows()}
+    assert by_name["mdb001.png"].other_breast == folder / "mdb002.png"
+    assert by_name["mdb007.png"].other_breast is None
+    tips = [dialog.model.index(i, 0).data(Qt.ItemDataRole.ToolTipRole) for i in range(3)]
+    assert tips[0].endswith("Read beside the other breast: mdb002.png") and tips[2].endswith("Read alone")

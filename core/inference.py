@@ -311,7 +311,7 @@ class Analyzer:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{bundle.path}: model.json pipeline settings incomplete ({exc})") from None
         try:
-            self.bilateral = (check_bilateral(p["bilateral"], len(bundle.classes))
+            self.bilateral = (check_bilateral(p["bilateral"], bundle.classes)
                               if p.get("bilateral") is not None else None)
         except ValueError as exc:
             raise BundleError(f"{bundle.path}: model.json {exc}") from None

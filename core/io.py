@@ -190,7 +190,7 @@ def has_dicom_preamble(path: str | Path) -> bool:
 
 
 def dicom_identity(path: str | Path) -> dict[str, Any] | None:
-    """PatientID, laterality and view of a DICOM file from its header alone (pixels unread).
+    """PatientID, StudyDate, laterality and view of a DICOM file from its header alone.
 
     Returns None when the file is not a readable DICOM file; the same rules as
     :func:`read_image` decide the laterality and view.
@@ -199,7 +199,8 @@ def dicom_identity(path: str | Path) -> dict[str, Any] | None:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_dicom_preamble(path))
         laterality, view = _dicom_laterality_view(ds, path)
-        return {"patient_id": str(ds.get("PatientID", "") or ""), "laterality": laterality, "view": view}
+        return {"patient_id": str(ds.get("PatientID", "") or ""),
+                "study_date": str(ds.get("StudyDate", "") or ""), "laterality": laterality, "view": view}
     except Exception as exc:  # any damage: the file simply has no identity to pair by
         logger.debug("no DICOM identity for %s (%s)", path, _describe(exc))
         return None

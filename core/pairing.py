@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 _MIAS = re.compile(r"^mdb(\d{3})$", re.IGNORECASE)
 _WORD = re.compile(r"[^A-Z0-9]+")
-_SIDE_WORDS = {"L", "R", "LEFT", "RIGHT"}
-_VIEW_WORDS = {"CC", "MLO", "ML", "LM", "LMO", "XCCL", "XCCM", "FB", "SIO", "AT", "CV"}
 MAX_FOLDER_FILES = 2000  # a folder larger than this is not searched for the other breast
+_CACHE_LIMIT = 50_000
+_identities: dict[tuple[str, int, int], FilmId | None] = {}
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,23 @@ class FilmId:
 
 
 def _strip_side_view(text: str) -> str:
-    """An identifier without its side and view words (``Mass-Test_P_00173_LEFT_CC`` ->
-    ``MASS-TEST-P-00173``)."""
+    """An identifier without its side and view words, by :func:`core.io.laterality_view_from_name`'s
+    rules (``Mass-Test_P_00173_LEFT_CC`` -> ``MASS-TEST-P-00173``)."""
     words = [w for w in _WORD.split(text.upper()) if w]
-    kept = [w for w in words if w not in _SIDE_WORDS and w not in _VIEW_WORDS
-            and not (len(w) > 2 and w[0] in "LR" and w[1:] in _VIEW_WORDS)]
-    return "-".join(kept)
+    return "-".join(w for w in words if laterality_view_from_name(w) == (None, None))
 
 
 def _is_dicom(path: Path) -> bool:
-    return path.suffix.lower() in (".dcm", ".dicom") or (path.suffix == "" and has_dicom_preamble(path))
+    """By content, as :func:`core.io.read_image` decides (``.dcm`` files without a preamble too)."""
+    return path.suffix.lower() in (".dcm", ".dicom") or has_dicom_preamble(path)
+
+
+def _dicom_film_id(ident: dict[str, Any]) -> FilmId | None:
+    patient = _strip_side_view(ident.get("patient_id") or "")
+    if not patient or ident.get("laterality") not in ("L", "R"):
+        return None
+    # The study date keeps a prior exam from pairing with the current one.
+    return FilmId(f"dicom:{patient}:{ident.get('study_date') or ''}", ident["laterality"], ident.get("view"))
 
 
 def film_id(path: str | Path, meta: dict[str, Any] | None = None) -> FilmId | None:
@@ -74,29 +81,42 @@ def film_id(path: str | Path, meta: dict[str, Any] | None = None) -> FilmId | No
         :attr:`core.io.Mammogram.meta` when the image is already read (saves reading the header).
     """
     path = Path(path)
-    is_dicom = meta.get("format") == "DICOM" if meta is not None else _is_dicom(path)
-    if is_dicom:
-        if meta is not None:
+    if meta is not None:
+        if meta.get("format") == "DICOM":
             tags = {t.get("keyword"): t.get("value") for t in meta.get("dicom_tags", [])}
-            ident = {"patient_id": str(tags.get("PatientID") or ""),
-                     "laterality": meta.get("laterality"), "view": meta.get("view")}
-        else:
-            ident = dicom_identity(path)
-            if ident is None:
-                return None
-        patient = _strip_side_view(ident["patient_id"])
-        if not patient or ident["laterality"] not in ("L", "R"):
-            return None
-        return FilmId(f"dicom:{patient}", ident["laterality"], ident["view"])
-    folder = str(path.parent.resolve())
+            return _dicom_film_id({"patient_id": str(tags.get("PatientID") or ""),
+                                   "study_date": str(tags.get("StudyDate") or ""),
+                                   "laterality": meta.get("laterality"), "view": meta.get("view")})
+        return _name_film_id(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:  # not a readable file: only its name can say anything
+        return None if path.suffix.lower() in (".dcm", ".dicom") else _name_film_id(path)
+    if key in _identities:
+        return _identities[key]
+    if _is_dicom(path):
+        ident = dicom_identity(path)
+        fid = _dicom_film_id(ident) if ident is not None else None
+    else:
+        fid = _name_film_id(path)
+    if len(_identities) >= _CACHE_LIMIT:
+        _identities.clear()
+    _identities[key] = fid
+    return fid
+
+
+def _name_film_id(path: Path) -> FilmId | None:
+    folder = path.parent.resolve()
     m = _MIAS.match(path.stem)
     if m:
         n = int(m.group(1))
         return FilmId(f"{folder}/mias-{(n + 1) // 2:03d}", "odd" if n % 2 else "even", "MLO")
     side, view = laterality_view_from_name(path.stem)
-    patient = _strip_side_view(path.stem)
-    if side is None or not patient:
+    if side is None or view is None:  # without the view, CC could pair with MLO
         return None
+    # A name that is all side and view (``LCC.png``) leaves the folder as the patient.
+    patient = _strip_side_view(path.stem) or "(folder)"
     return FilmId(f"{folder}/{patient}", side, view)
 
 
@@ -125,39 +145,53 @@ def pair_files(paths: Sequence[str | Path]) -> list[int]:
     for p in paths:
         try:
             ids.append(film_id(p))
-        except (OSError, ValueError) as exc:  # unreadable files are reported when classified
+        except Exception as exc:  # a file that cannot be identified is read alone
             log.debug("no pairing identity for %s (%s)", p, exc)
             ids.append(None)
     return pair_up(ids)
 
 
-def find_other_breast(path: str | Path, meta: dict[str, Any] | None = None) -> Path | None:
-    """The other breast's film of ``path`` in the same folder, or None.
+@dataclass(frozen=True)
+class Search:
+    """Where the other breast's film is (``path``), or why there is none (``reason``)."""
 
-    Looks only at image files in that folder (not below it); folders of more than
-    :data:`MAX_FOLDER_FILES` entries are not searched.
+    path: Path | None
+    reason: str = ""
+
+
+def search_other_breast(path: str | Path, meta: dict[str, Any] | None = None) -> Search:
+    """The other breast's film of ``path`` in the same folder (not below it), or why not.
+
+    Folders of more than :data:`MAX_FOLDER_FILES` entries are not searched.
     """
     path = Path(path)
     own = film_id(path, meta)
     if own is None:
-        return None
+        return Search(None, "its patient, side and view cannot be told (DICOM tags, MIAS "
+                            "numbering, or a name such as P7_L_CC)")
     try:
         entries = sorted(path.parent.iterdir())
-    except OSError:
-        return None
+    except OSError as exc:
+        return Search(None, f"its folder cannot be listed ({exc.strerror or exc})")
     if len(entries) > MAX_FOLDER_FILES:
-        return None
+        return Search(None, f"its folder holds over {MAX_FOLDER_FILES} files and is not searched")
     others = [f for f in entries
-              if f.name != path.name and f.is_file() and not f.name.startswith(".")
+              if f.name != path.name and not f.name.startswith(".") and f.is_file()
               and (f.suffix.lower() in IMAGE_EXTENSIONS or (f.suffix == "" and has_dicom_preamble(f)))]
-    ids: list[FilmId | None] = [own]
-    for f in others:
-        try:
-            ids.append(film_id(f))
-        except (OSError, ValueError):
-            ids.append(None)
+    ids: list[FilmId | None] = [own, *(film_id(f) for f in others)]
     partner = pair_up(ids)[0]
-    return others[partner - 1] if partner > 0 else None
+    if partner > 0:
+        return Search(others[partner - 1])
+    same = [i for i in ids[1:] if i is not None and (i.patient, i.view) == (own.patient, own.view)]
+    if any(i.side != own.side for i in same):
+        return Search(None, "several films of this woman and view are in the folder, so which is "
+                            "the other breast is ambiguous")
+    return Search(None, "no film of the other breast (same patient and view) is in its folder")
+
+
+def find_other_breast(path: str | Path, meta: dict[str, Any] | None = None) -> Path | None:
+    """The other breast's film of ``path`` in the same folder, or None (:func:`search_other_breast`)."""
+    return search_other_breast(path, meta).path
 
 
 # -- the bilateral reading ---------------------------------------------------------------------
@@ -176,8 +210,14 @@ def bilateral_features(probs: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.concatenate([log_odds(probs), log_odds(other)], axis=1)
 
 
-def check_bilateral(params: Any, n_classes: int) -> dict[str, np.ndarray]:
+BILATERAL_CLASSES = ("Normal", "Benign", "Cancer")  # the order the features assume
+
+
+def check_bilateral(params: Any, classes: Sequence[str]) -> dict[str, np.ndarray]:
     """model.json's ``pipeline.bilateral`` as arrays; ValueError says what is wrong."""
+    if tuple(classes) != BILATERAL_CLASSES:
+        raise ValueError(f"pipeline.bilateral needs the classes {list(BILATERAL_CLASSES)} in this "
+                         f"order (the bundle has {list(classes)})")
     if not isinstance(params, dict):
         raise ValueError("pipeline.bilateral must be an object")
     try:
@@ -187,9 +227,9 @@ def check_bilateral(params: Any, n_classes: int) -> dict[str, np.ndarray]:
         raise ValueError(f"pipeline.bilateral lacks {exc}") from None
     except (TypeError, ValueError):
         raise ValueError("pipeline.bilateral coef and intercept must be numbers") from None
-    if n_classes != 3 or coef.shape != (3, 4) or intercept.shape != (3,):
-        raise ValueError(f"pipeline.bilateral needs a (3, 4) coef and 3 intercepts for 3 classes "
-                         f"(got {coef.shape}, {intercept.shape}, {n_classes} classes)")
+    if coef.shape != (3, 4) or intercept.shape != (3,):
+        raise ValueError(f"pipeline.bilateral needs a (3, 4) coef and 3 intercepts "
+                         f"(got {coef.shape} and {intercept.shape})")
     if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
         raise ValueError("pipeline.bilateral holds non-finite numbers")
     return {"coef": coef, "intercept": intercept}

@@ -364,7 +364,7 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     pipeline = m.get("pipeline")
     if isinstance(pipeline, Mapping) and pipeline.get("bilateral") is not None:
         try:
-            check_bilateral(pipeline["bilateral"], len(m.get("classes") or []))
+            check_bilateral(pipeline["bilateral"], list(m.get("classes") or []))
         except ValueError as exc:
             problems.append(str(exc))
     if "temperature" in m and not (_is_number(m["temperature"]) and m["temperature"] > 0):

@@ -9,6 +9,7 @@ import pytest
 
 from core.pairing import (
     FilmId,
+    _dicom_film_id,
     bilateral_features,
     bilateral_probs,
     check_bilateral,
@@ -16,7 +17,10 @@ from core.pairing import (
     find_other_breast,
     pair_files,
     pair_up,
+    search_other_breast,
 )
+
+CLASSES = ("Normal", "Benign", "Cancer")
 
 
 def test_mias_numbering_pairs_films_2k_minus_1_and_2k(tmp_path):
@@ -34,8 +38,13 @@ def test_names_with_side_words_pair_by_the_rest_of_the_name(tmp_path):
     assert (left.patient, left.side, left.view) == (right.patient, "L", "CC") and right.side == "R"
     assert mlo.view == "MLO" and mlo.patient == left.patient
     assert film_id(tmp_path / "P7_R_MLO.png") == FilmId(f"{tmp_path.resolve()}/P7", "R", "MLO")
-    # No side in the name: nothing to pair by.
+    # No side, or a side without a view (CC could meet MLO): nothing to pair by.
     assert film_id(tmp_path / "scan_0042.png") is None
+    assert film_id(tmp_path / "P7_L.png") is None
+    # A name that is all side and view: the folder is the patient.
+    assert film_id(tmp_path / "LCC.png").patient == film_id(tmp_path / "RCC.png").patient
+    # Words the names do not use as views (AT, CV) stay part of the patient.
+    assert film_id(tmp_path / "case_at_L_CC.png").patient != film_id(tmp_path / "case_R_CC.png").patient
 
 
 def test_cbis_dicoms_pair_left_and_right_of_the_same_view(cbis_dicoms):
@@ -60,6 +69,29 @@ def test_ambiguous_groups_stay_single():
            FilmId("w3", "L", "MLO"), FilmId("w3", "R", "CC"),  # views differ
            None, FilmId("w4", "L", None), FilmId("w4", "R", None)]
     assert pair_up(ids) == [-1, -1, -1, -1, -1, -1, -1, -1, 9, 8]
+
+
+def test_the_search_says_why_there_is_no_partner(tmp_path, mias_dir, monkeypatch):
+    from core import pairing
+
+    shutil.copy(mias_dir / "mdb001.png", tmp_path / "scan.png")
+    assert "cannot be told" in search_other_breast(tmp_path / "scan.png").reason
+    shutil.copy(mias_dir / "mdb001.png", tmp_path / "mdb001.png")
+    assert "no film of the other breast" in search_other_breast(tmp_path / "mdb001.png").reason
+    for name in ("mdb002.png", "mdb002.pgm"):
+        shutil.copy(mias_dir / "mdb002.png", tmp_path / name)
+    found = search_other_breast(tmp_path / "mdb001.png")
+    assert found.path is None and "ambiguous" in found.reason
+    monkeypatch.setattr(pairing, "MAX_FOLDER_FILES", 3)
+    assert "not searched" in search_other_breast(tmp_path / "mdb001.png").reason
+
+
+def test_a_prior_exam_does_not_pair_with_the_current_one():
+    now = {"patient_id": "P_00173_LEFT_CC", "study_date": "20240101", "laterality": "L", "view": "CC"}
+    before = {**now, "study_date": "20220101", "laterality": "R"}
+    assert pair_up([_dicom_film_id(now), _dicom_film_id(before)]) == [-1, -1]
+    assert pair_up([_dicom_film_id(now), _dicom_film_id({**before, "study_date": "20240101"})]) == [1, 0]
+    assert _dicom_film_id({**now, "patient_id": ""}) is None
 
 
 def test_find_other_breast_looks_beside_the_film_only(tmp_path, mias_dir):
@@ -92,14 +124,14 @@ def test_bilateral_probs_are_a_softmax_of_the_log_odds_features():
 
 def test_bilateral_settings_are_checked():
     good = {"coef": np.zeros((3, 4)).tolist(), "intercept": [0, 0, 0]}
-    assert check_bilateral(good, 3)["coef"].shape == (3, 4)
+    assert check_bilateral(good, CLASSES)["coef"].shape == (3, 4)
     with pytest.raises(ValueError, match="lacks 'coef'"):
-        check_bilateral({"intercept": [0, 0, 0]}, 3)
+        check_bilateral({"intercept": [0, 0, 0]}, CLASSES)
     with pytest.raises(ValueError, match=r"\(3, 4\) coef"):
-        check_bilateral({"coef": [[0, 0]], "intercept": [0, 0, 0]}, 3)
+        check_bilateral({"coef": [[0, 0]], "intercept": [0, 0, 0]}, CLASSES)
     with pytest.raises(ValueError, match="non-finite"):
-        check_bilateral({"coef": good["coef"], "intercept": [0, float("nan"), 0]}, 3)
+        check_bilateral({"coef": good["coef"], "intercept": [0, float("nan"), 0]}, CLASSES)
     with pytest.raises(ValueError, match="must be numbers"):
-        check_bilateral({"coef": "x", "intercept": [0, 0, 0]}, 3)
-    with pytest.raises(ValueError, match="3 classes"):
-        check_bilateral(good, 2)
+        check_bilateral({"coef": "x", "intercept": [0, 0, 0]}, CLASSES)
+    with pytest.raises(ValueError, match="in this order"):
+        check_bilateral(good, ("Cancer", "Benign", "Normal"))

@@ -42,6 +42,7 @@ class BatchRow:
     total: int = 0
     elapsed_s: float = 0.0
     other_breast: Path | None = None  # read beside this film (the other breast), if any
+    single_probabilities: tuple[float, ...] = ()  # the film read alone (= probabilities if unpaired)
 
     def as_csv(self) -> dict[str, str]:
         p = list(self.probabilities) + [None] * (3 - len(self.probabilities))
@@ -109,8 +110,8 @@ def classify_files(analyzer, files: list[Path], masks_dir: str | Path | None = N
     With a bundle that reads pairs (:attr:`core.inference.Analyzer.reads_pairs`), a film whose
     other breast is also among ``files`` (:func:`core.pairing.pair_files`) is read beside it: the
     two are analysed one after the other and both rows carry the bilateral probabilities and
-    ``other_breast``. Films without a partner, or whose partner failed, keep the single-film
-    reading.
+    ``other_breast`` (``single_probabilities`` keeps each film's own reading). Rows come in file
+    order. Films without a partner, or whose partner failed, keep the single-film reading.
 
     Closing the generator (``.close()``, or a superqt worker's ``quit()``) cancels the run after
     the current file; the summary is then not returned.
@@ -144,6 +145,7 @@ def classify_files(analyzer, files: list[Path], masks_dir: str | Path | None = N
             analysis = analyzer.analyze(m)
             row.predicted = analysis.predicted
             row.probabilities = tuple(float(v) for v in analysis.probabilities)
+            row.single_probabilities = row.probabilities
             row.lesion_area_frac = analysis.lesion_area_frac
             if out_dir:
                 name = _unique_name(f, used_names)
@@ -156,30 +158,38 @@ def classify_files(analyzer, files: list[Path], masks_dir: str | Path | None = N
             analysis = None
         return row, analysis
 
-    ok = failed = paired = done = 0
-    finished: set[int] = set()
+    ok = failed = paired = 0
+    held: dict[int, BatchRow] = {}  # rows of partners analysed early, yielded in file order
     for i in range(len(files)):
-        if i in finished:
-            continue
-        group = [i] if partner[i] < 0 or partner[i] in finished else [i, partner[i]]
-        results = [analyse(k) for k in group]
-        finished.update(group)
-        if len(results) == 2 and all(r.status == "ok" for r, _ in results):
-            (row_a, a), (row_b, b) = results
-            for row, film, other, other_path in ((row_a, a, b, row_b.path), (row_b, b, a, row_a.path)):
-                probs = analyzer.compare(film, other)
-                row.probabilities = tuple(float(v) for v in probs)
-                row.predicted = analyzer.classes[int(np.argmax(probs))]
-                row.other_breast = other_path
-            paired += 2
-        for row, _ in results:
-            done += 1
-            ok += row.status == "ok"
-            failed += row.status != "ok"
-            row.index = done
-            row.elapsed_s = time.perf_counter() - start
-            yield row
+        if i in held:
+            row = held.pop(i)
+        elif partner[i] > i:  # analyse both films now; the partner's row waits for its turn
+            (row, a), (later, b) = analyse(i), analyse(partner[i])
+            if a is not None and b is not None:
+                _read_pair(analyzer, row, a, later, b)
+            held[partner[i]] = later
+        else:
+            row, _ = analyse(i)
+        ok += row.status == "ok"
+        failed += row.status != "ok"
+        paired += row.other_breast is not None
+        row.index = i + 1
+        row.elapsed_s = time.perf_counter() - start
+        yield row
     return BatchSummary(len(files), ok, failed, skipped, False, time.perf_counter() - start, paired)
+
+
+def _read_pair(analyzer, row_a: BatchRow, a, row_b: BatchRow, b) -> None:
+    """Give both rows the pair's reading; on any failure both keep their single-film reading."""
+    try:
+        pa, pb = analyzer.compare(a, b), analyzer.compare(b, a)
+    except Exception:  # the pair's reading is extra: never worth a lost row
+        log.exception("reading %s beside %s failed", row_a.path, row_b.path)
+        return
+    for row, probs, other in ((row_a, pa, row_b.path), (row_b, pb, row_a.path)):
+        row.probabilities = tuple(float(v) for v in probs)
+        row.predicted = analyzer.classes[int(np.argmax(probs))]
+        row.other_breast = other
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
@@ -201,5 +211,27 @@ def write_csv(rows: Iterable[BatchRow], path: str | Path) -> Path:
         w.writeheader()
         for r in rows:
             w.writerow(r.as_csv())
+    os.replace(tmp, path)
+    return path
+
+
+PAIR_COLUMNS = ("path", "other_breast", "p_normal_alone", "p_benign_alone", "p_cancer_alone")
+
+
+def write_pairs_csv(rows: Iterable[BatchRow], path: str | Path) -> Path:
+    """For each classified film: the other breast it was read beside (empty if none) and its
+    single-film probabilities; written to a temporary file, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    fmt = lambda v: f"{v:.6f}"  # noqa: E731
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(PAIR_COLUMNS)
+        for r in rows:
+            if r.status != "ok":
+                continue
+            alone = list(r.single_probabilities) + [None] * (3 - len(r.single_probabilities))
+            w.writerow([str(r.path), str(r.other_breast or ""),
+                        *("" if v is None else fmt(v) for v in alone[:3])])
     os.replace(tmp, path)
     return path

@@ -1,7 +1,7 @@
 """The ``mammolab`` command.
 
     mammolab [PATH] [--model DIR] [--screenshot OUT.png]    the desktop app (default)
-    mammolab classify PATH... --csv OUT [--model DIR] [--masks DIR] [--no-pair]
+    mammolab classify PATH... --csv OUT [--model DIR] [--masks DIR] [--no-pair] [--pairs OUT]
     mammolab train ... | evaluate ... | export ...          (need the training extras)
 
 The GUI and the training commands are imported only when asked for, so ``classify`` never loads
@@ -49,13 +49,16 @@ def _classify_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pair", action="store_true",
                    help="read every film alone (default: a film whose other breast, same view, is "
                         "among the files is read beside it, when the model can)")
+    p.add_argument("--pairs", metavar="OUT",
+                   help="also write, per classified film, the other breast it was read beside and "
+                        "its film-alone probabilities (CSV)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     return p
 
 
 def _classify(argv: list[str]) -> int:
     args = _classify_parser().parse_args(argv)
-    from core.batch import classify_files, find_images, write_csv
+    from core.batch import classify_files, find_images, write_csv, write_pairs_csv
     from core.inference import Analyzer, BundleError
 
     out = Path(args.csv)
@@ -64,6 +67,12 @@ def _classify(argv: list[str]) -> int:
         return 2
     if not out.parent.exists():
         print(f"mammolab classify: the folder of --csv {out} does not exist", file=sys.stderr)
+        return 2
+    pairs_out = Path(args.pairs) if args.pairs else None
+    if pairs_out is not None and (pairs_out.is_dir() or not pairs_out.parent.exists()
+                                  or pairs_out.resolve() == out.resolve()):
+        print(f"mammolab classify: --pairs {pairs_out} must be a file name in an existing folder, "
+              "other than the --csv file", file=sys.stderr)
         return 2
     try:
         analyzer = Analyzer.from_bundle(args.model)
@@ -86,6 +95,8 @@ def _classify(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("\nmammolab classify: interrupted; writing the rows done so far", file=sys.stderr)
     write_csv(rows, out)
+    if pairs_out is not None:
+        write_pairs_csv(rows, pairs_out)
     failed = sum(r.status != "ok" for r in rows)
     if not args.quiet:
         print(file=sys.stderr)

@@ -164,6 +164,7 @@ def test_classify_reads_pairs_beside_each_other(analyzer, pair_folder):
         summary = stop.value
     by_name = {r.path.name: r for r in rows}
     assert [r.index for r in rows] == [1, 2, 3, 4, 5]
+    assert [r.path for r in rows] == files  # file order, though partners are analysed together
     assert by_name["mdb001.png"].other_breast == pair_folder / "mdb002.png"
     assert by_name["mdb002.png"].other_breast == pair_folder / "mdb001.png"
     a = analyzer.analyze(read_image(pair_folder / "mdb001.png"))
@@ -171,6 +172,7 @@ def test_classify_reads_pairs_beside_each_other(analyzer, pair_folder):
     np.testing.assert_allclose(by_name["mdb001.png"].probabilities, analyzer.compare(a, b), atol=1e-6)
     np.testing.assert_allclose(by_name["mdb002.png"].probabilities, analyzer.compare(b, a), atol=1e-6)
     assert by_name["mdb001.png"].predicted == analyzer.classes[int(np.argmax(analyzer.compare(a, b)))]
+    np.testing.assert_allclose(by_name["mdb001.png"].single_probabilities, a.probabilities, atol=1e-6)
     # The bilateral reading differs from the single-film one (else this test proves nothing).
     assert np.abs(np.array(by_name["mdb001.png"].probabilities) - a.probabilities).max() > 1e-3
     # No partner (mdb007's mdb008 is absent) or a partner that fails: the single-film reading.
@@ -187,11 +189,34 @@ def test_classify_reads_pairs_beside_each_other(analyzer, pair_folder):
     assert all(r.other_breast is None for r in single)
 
 
+def test_a_failing_pair_reading_keeps_both_single_readings(analyzer, pair_folder, monkeypatch):
+    files, _ = find_images([pair_folder])
+
+    def broken(film, other):
+        raise RuntimeError("bilateral model broke")
+
+    monkeypatch.setattr(analyzer, "compare", broken)
+    rows = list(classify_files(analyzer, files))
+    assert len(rows) == 5 and all(r.other_breast is None for r in rows)
+    assert all(r.probabilities == r.single_probabilities for r in rows if r.status == "ok")
+
+
 def test_cli_says_how_many_films_were_paired(pair_folder, tmp_path, capsys):
-    out = tmp_path / "p.csv"
-    assert main(["classify", str(pair_folder), "--csv", str(out), "-q"]) == 1
+    out, pairs = tmp_path / "p.csv", tmp_path / "pairs.csv"
+    assert main(["classify", str(pair_folder), "--csv", str(out), "-q", "--pairs", str(pairs)]) == 1
     assert "2 read beside the other breast" in capsys.readouterr().err
     header = open(out, newline="").readline().strip()
     assert header == ",".join(CSV_COLUMNS)
+    main_rows = {r["path"]: r for r in csv.DictReader(open(out, newline=""))}
+    side = {r["path"]: r for r in csv.DictReader(open(pairs, newline=""))}
+    assert len(side) == 4  # the broken film has no row there
+    first = str(pair_folder / "mdb001.png")
+    assert side[first]["other_breast"] == str(pair_folder / "mdb002.png")
+    assert side[str(pair_folder / "mdb007.png")]["other_breast"] == ""
+    assert side[first]["p_cancer_alone"] != main_rows[first]["p_cancer"]
+    seven = str(pair_folder / "mdb007.png")
+    assert side[seven]["p_cancer_alone"] == main_rows[seven]["p_cancer"]
+    assert main(["classify", str(pair_folder), "--csv", str(out), "--pairs", str(out)]) == 2
+    assert "other than the --csv file" in capsys.readouterr().err
     assert main(["classify", str(pair_folder), "--csv", str(out), "-q", "--no-pair"]) == 1
     assert "beside" not in capsys.readouterr().err

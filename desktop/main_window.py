@@ -602,6 +602,8 @@ class MainWindow(QMainWindow):
                 f"The model could not analyse this image:\n\n{step.value}\n\n"
                 "The image is still shown; try another image or another model bundle.",
             )
+        elif step.kind == "other_breast_found":
+            self.results.set_pairing_note(f"Reading it beside the other breast, {step.value.name}…")
         elif step.kind == "other_breast_failed":
             other_path, exc = step.value
             reason = getattr(exc, "reason", None) or str(exc)
@@ -624,6 +626,7 @@ class MainWindow(QMainWindow):
         mammogram = step.value
         self.mammogram = mammogram
         self.analysis = None
+        self.other_breast = None
         meta = mammogram.meta or {}
         self.viewer.set_image(
             mammogram.pixels, mammogram.raw, meta.get("windows") or [], meta.get("photometric")
@@ -689,9 +692,7 @@ class MainWindow(QMainWindow):
     def _show_other_breast(self, step: Step) -> None:
         other = step.value
         if other.path is None:
-            self.results.set_pairing_note(
-                "Read alone: no film of the other breast (same patient and view) in this folder."
-            )
+            self.results.set_pairing_note(f"Read alone: {other.reason}.")
         else:
             self.other_breast = other
             self.results.show_other_breast(other)
@@ -712,7 +713,10 @@ class MainWindow(QMainWindow):
 
     def _show_heatmap(self, step: Step) -> None:
         self.viewer.set_heatmap(step.value)
-        self.results.set_heatmap_status(f"Computed in {step.seconds:.1f} s.")
+        status = f"Computed in {step.seconds:.1f} s."
+        if self.other_breast is not None and self.analysis is not None:
+            status += f" It explains the film read alone ({self.analysis.predicted})."
+        self.results.set_heatmap_status(status)
         self.results.set_busy(False, "Analysis done.")
         self.heatmap_shown.emit(step.value)
 
@@ -730,7 +734,19 @@ class MainWindow(QMainWindow):
         if self.results.is_busy():
             self.results.set_busy(False)
         self._note_interrupted_heatmap()
+        self._note_interrupted_pairing()
         self.image_job_finished.emit()
+
+    def _note_interrupted_pairing(self) -> None:
+        # A job replaced while it looked for or read the other breast leaves the film read alone.
+        note = self.results.pairing_text()
+        if self.analysis is not None and self.other_breast is None and (
+            note.startswith("Looking for") or note.startswith("Reading it beside")
+        ):
+            self.results.set_pairing_note(
+                "Read alone: the comparison with the other breast was interrupted "
+                "(Analysis ▸ Analyse Again, F5, repeats it)."
+            )
 
     def _note_interrupted_heatmap(self) -> None:
         # A job replaced before its heatmap (a newer file that failed to open, a model switch)

@@ -310,6 +310,9 @@ class ResultsWidget(QWidget):
     def set_heatmap_status(self, message: str) -> None:
         self._heatmap_status.setText(message)
 
+    def heatmap_status_text(self) -> str:
+        return self._heatmap_status.text()
+
     # -- overlay controls, kept in step with the View menu -------------------------------------
 
     def set_mask_checked(self, checked: bool) -> None:

@@ -31,8 +31,8 @@ ANALYZER_LOCK = threading.Lock()
 class Step:
     """One record a job yields: ``kind`` names the step, ``value`` carries its result."""
 
-    # "image", "analysis", "other_breast", "heatmap", "read_failed", "analysis_failed",
-    # "other_breast_failed", "heatmap_failed"
+    # "image", "analysis", "other_breast_found", "other_breast", "heatmap", "read_failed",
+    # "analysis_failed", "other_breast_failed", "heatmap_failed"
     kind: str
     value: Any
     seconds: float = 0.0
@@ -46,27 +46,33 @@ class OtherBreast:
     probabilities: Any = None  # (n_classes,) the bilateral reading, or None
     predicted: str | None = None
     single: Any = None  # the film's own core.inference.Analysis
+    reason: str = ""  # why there is no partner (path None)
 
 
 def other_breast_steps(path: Path, mammogram, analysis, analyzer) -> Generator[Step, None, None]:
     """Find the other breast's film beside ``path``, analyse it and read the pair.
 
-    Yields one ``other_breast`` step (an :class:`OtherBreast`, its ``path`` None when there is no
-    partner) or an ``other_breast_failed`` step carrying ``(partner path, exception)``; the
-    film's own analysis stands either way.
+    Yields ``other_breast_found`` (the partner's path; a point where a newer request can stop
+    the job) before analysing the partner, then one ``other_breast`` step (an
+    :class:`OtherBreast`, its ``path`` None and ``reason`` said when there is no partner) or an
+    ``other_breast_failed`` step carrying ``(partner path, exception)``; the film's own analysis
+    stands either way.
     """
     from core.io import read_image
-    from core.pairing import find_other_breast
+    from core.pairing import search_other_breast
 
     start = time.perf_counter()
     try:
-        other_path = find_other_breast(path, mammogram.meta)
-    except Exception:  # a folder that cannot be searched is simply no partner
+        found = search_other_breast(path, mammogram.meta)
+        other_path, reason = found.path, found.reason
+    except Exception as exc:  # a folder that cannot be searched is simply no partner
         log.exception("searching beside %s for the other breast failed", path)
-        other_path = None
+        other_path, reason = None, f"the search for it failed ({exc})"
     if other_path is None:
-        yield Step("other_breast", OtherBreast(None, single=analysis), time.perf_counter() - start)
+        yield Step("other_breast", OtherBreast(None, single=analysis, reason=reason),
+                   time.perf_counter() - start)
         return
+    yield Step("other_breast_found", other_path, time.perf_counter() - start)
     try:
         other = read_image(other_path)
         with ANALYZER_LOCK:

@@ -62,7 +62,7 @@ def test_a_film_is_read_beside_the_other_breast(make_window, qtbot, analyzer, di
     partner = find_other_breast(path)
     assert partner is not None and partner != path
     want = analyzer.compare(expected, analyzer.analyze(read_image(partner)))
-    window = make_window(analyzer=analyzer, with_heatmap=False)
+    window = make_window(analyzer=analyzer)
     assert window.compare_action.isChecked()  # on by default
     open_and_wait(qtbot, window, path)
     bars = window.results.bars
@@ -74,6 +74,8 @@ def test_a_film_is_read_beside_the_other_breast(make_window, qtbot, analyzer, di
     assert percent_text(float(expected.probabilities[0])) in note
     # The lesion overlay is still the film's own.
     np.testing.assert_array_equal(window.analysis.lesion_mask, expected.lesion_mask)
+    # The heatmap explains the film alone, and says so.
+    assert f"explains the film read alone ({expected.predicted})" in window.results.heatmap_status_text()
 
     # Switching the comparison off re-reads the film alone, and is remembered.
     with qtbot.waitSignal(window.image_job_finished, timeout=60000):
@@ -88,7 +90,7 @@ def test_a_film_without_its_other_breast_is_read_alone(make_window, qtbot, analy
     expected = analyzer.analyze(read_image(tmp_path / "mdb001.png"))
     window = make_window(analyzer=analyzer, with_heatmap=False)
     open_and_wait(qtbot, window, tmp_path / "mdb001.png")
-    assert "no film of the other breast" in window.results.pairing_text()
+    assert "Read alone: no film of the other breast" in window.results.pairing_text()
     assert window.results.bars.value_texts() == [percent_text(p) for p in expected.probabilities]
     # A partner that cannot be read is said, and the film is still read alone.
     (tmp_path / "mdb002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

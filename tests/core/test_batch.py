@@ -26,6 +26,16 @@ def mixed_folder(tmp_path, mias_dir, cbis_dicoms):
     return d
 
 
+def run_all(gen):
+    """Every row of a classify_files generator, and the summary it returns."""
+    rows = []
+    try:
+        while True:
+            rows.append(next(gen))
+    except StopIteration as stop:
+        return rows, stop.value
+
+
 def test_find_images_by_extension_and_preamble(mixed_folder):
     files, skipped = find_images([mixed_folder])
     names = sorted(f.name for f in files)
@@ -35,13 +45,7 @@ def test_find_images_by_extension_and_preamble(mixed_folder):
 
 def test_classify_files_continues_past_bad_files(analyzer, mixed_folder, tmp_path):
     files, skipped = find_images([mixed_folder])
-    gen = classify_files(analyzer, files, masks_dir=tmp_path / "masks", skipped=skipped)
-    rows = []
-    try:
-        while True:
-            rows.append(next(gen))
-    except StopIteration as stop:
-        summary = stop.value
+    rows, summary = run_all(classify_files(analyzer, files, masks_dir=tmp_path / "masks", skipped=skipped))
     assert [r.index for r in rows] == [1, 2, 3]
     by_name = {r.path.name: r for r in rows}
     assert by_name["broken.png"].status == "error" and "broken.png" in by_name["broken.png"].error
@@ -155,13 +159,7 @@ def test_classify_reads_pairs_beside_each_other(analyzer, pair_folder):
 
     assert analyzer.reads_pairs
     files, _ = find_images([pair_folder])
-    gen = classify_files(analyzer, files)
-    rows = []
-    try:
-        while True:
-            rows.append(next(gen))
-    except StopIteration as stop:
-        summary = stop.value
+    rows, summary = run_all(classify_files(analyzer, files))
     by_name = {r.path.name: r for r in rows}
     assert [r.index for r in rows] == [1, 2, 3, 4, 5]
     assert [r.path for r in rows] == files  # file order, though partners are analysed together

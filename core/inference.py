@@ -367,8 +367,13 @@ class Analyzer:
             raise ValueError("this bundle has no bilateral model")
         if film.raw_probabilities is None or other.raw_probabilities is None:
             raise ValueError("both analyses need their raw classifier probabilities")
-        return bilateral_probs(film.raw_probabilities, other.raw_probabilities,
-                               **self.bilateral).astype(np.float32)
+        return self.compare_raw(film.raw_probabilities, other.raw_probabilities)
+
+    def compare_raw(self, film: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """:meth:`compare` on the two films' raw classifier probabilities."""
+        if self.bilateral is None:
+            raise ValueError("this bundle has no bilateral model")
+        return bilateral_probs(np.asarray(film), np.asarray(other), **self.bilateral).astype(np.float32)
 
     # -- stages, public so training, tests and the heatmap use exactly the same steps ----------
 

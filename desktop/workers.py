@@ -26,6 +26,42 @@ log = logging.getLogger(__name__)
 
 ANALYZER_LOCK = threading.Lock()
 
+# Raw classifier probabilities of recently analysed files, so stepping from one breast to the
+# other does not analyse the first again as the partner. Keyed by file identity and analyzer.
+_RAW_CACHE: dict[tuple, Any] = {}
+_RAW_CACHE_SIZE = 64
+_RAW_CACHE_LOCK = threading.Lock()
+
+
+def _raw_key(path: Path, analyzer) -> tuple | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    card = getattr(analyzer, "card", None) or {}
+    model = (str(getattr(analyzer, "path", "")), str(getattr(analyzer, "version", "")),
+             str(card.get("files", {}).get("classifier.tflite", {}).get("sha256", id(analyzer))))
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, model)
+
+
+def remember_raw(path: Path, analyzer, analysis) -> None:
+    """Keep ``analysis``'s raw classifier probabilities for :func:`recalled_raw`."""
+    key = _raw_key(path, analyzer)
+    if key is None or getattr(analysis, "raw_probabilities", None) is None:
+        return
+    with _RAW_CACHE_LOCK:
+        _RAW_CACHE.pop(key, None)
+        _RAW_CACHE[key] = analysis.raw_probabilities
+        while len(_RAW_CACHE) > _RAW_CACHE_SIZE:
+            _RAW_CACHE.pop(next(iter(_RAW_CACHE)))
+
+
+def recalled_raw(path: Path, analyzer):
+    """Raw classifier probabilities of an unchanged file analysed by ``analyzer``, or None."""
+    key = _raw_key(path, analyzer)
+    with _RAW_CACHE_LOCK:
+        return None if key is None else _RAW_CACHE.get(key)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -74,10 +110,14 @@ def other_breast_steps(path: Path, mammogram, analysis, analyzer) -> Generator[S
         return
     yield Step("other_breast_found", other_path, time.perf_counter() - start)
     try:
-        other = read_image(other_path)
-        with ANALYZER_LOCK:
-            other_analysis = analyzer.analyze(other)
-        probs = analyzer.compare(analysis, other_analysis)
+        other_raw = recalled_raw(other_path, analyzer)
+        if other_raw is None:
+            other = read_image(other_path)
+            with ANALYZER_LOCK:
+                other_analysis = analyzer.analyze(other)
+            remember_raw(other_path, analyzer, other_analysis)
+            other_raw = other_analysis.raw_probabilities
+        probs = analyzer.compare_raw(analysis.raw_probabilities, other_raw)
     except Exception as exc:
         log.info("the other breast %s could not be read: %s", other_path, exc)
         yield Step("other_breast_failed", (other_path, exc))
@@ -117,6 +157,7 @@ def analysis_job(path: Path, analyzer, with_heatmap: bool = True,
         log.exception("analysis of %s failed", path)
         yield Step("analysis_failed", exc)
         return
+    remember_raw(path, analyzer, analysis)
     yield Step("analysis", analysis, time.perf_counter() - start)
     if compare and getattr(analyzer, "reads_pairs", False):
         yield from other_breast_steps(path, mammogram, analysis, analyzer)

@@ -133,3 +133,28 @@ def test_a_failed_open_during_the_heatmap_keeps_the_image_and_says_so(
     assert window.mammogram is shown and window.analysis is not None
     assert window.viewer.heatmap() is None
     assert "interrupted" in window.results.status_text()
+
+
+def test_stepping_to_the_other_breast_reuses_its_reading(analyzer, mias_dir, tmp_path, monkeypatch):
+    """Opening mdb002 after mdb001 reads the pair without analysing mdb001 again, and gives the
+    same bars as a fresh reading; a changed file is analysed again."""
+    import shutil
+
+    from desktop import workers
+
+    for name in ("mdb001.png", "mdb002.png"):
+        shutil.copy(mias_dir / name, tmp_path / name)
+    first = list(workers.analysis_job(tmp_path / "mdb001.png", analyzer, with_heatmap=False))
+    calls = []
+    real = analyzer.analyze
+    monkeypatch.setattr(analyzer, "analyze", lambda m: calls.append(m.path.name) or real(m))
+    second = list(workers.analysis_job(tmp_path / "mdb002.png", analyzer, with_heatmap=False))
+    assert calls == ["mdb002.png"]  # mdb001 came from the first job
+    pair = [s.value for s in second if s.kind == "other_breast"][0]
+    single_1 = [s.value for s in first if s.kind == "analysis"][0]
+    single_2 = [s.value for s in second if s.kind == "analysis"][0]
+    np.testing.assert_array_equal(pair.probabilities, analyzer.compare(single_2, single_1))
+    shutil.copy(mias_dir / "mdb007.png", tmp_path / "mdb001.png")  # another film, the partner's name
+    calls.clear()
+    list(workers.analysis_job(tmp_path / "mdb002.png", analyzer, with_heatmap=False))
+    assert calls == ["mdb002.png", "mdb001.png"]

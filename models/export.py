@@ -668,7 +668,9 @@ def render_model_card(model_json: Mapping[str, Any]) -> str:
     lines += ["## Intended use", "", f"**{INTENDED_USE}**", "",
               "Intended users: students, teachers and researchers exploring how mammography "
               "models behave. The output is a set of class probabilities and a lesion map for "
-              "one image; it is not a finding.", ""]
+              "one image" + (", read beside the other breast's image of the same view when it is "
+                             "at hand" if (j.get("pipeline") or {}).get("bilateral") else "")
+              + "; it is not a finding.", ""]
     lines += ["## Model", "", "Classes, in output order: " + ", ".join(j.get("classes", [])) + ".", ""]
     if "temperature" in j:
         lines += [f"Calibration temperature: {_scalar(j['temperature'])} (probabilities are "

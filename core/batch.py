@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from core.io import IMAGE_EXTENSIONS, ImageReadError, has_dicom_preamble, read_image
+from core.io import ImageReadError, looks_like_image, read_image
 from core.pairing import pair_files
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,6 @@ class BatchSummary:
     paired: int = 0  # films read beside the other breast
 
 
-def _is_candidate(path: Path) -> bool:
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        return True
-    return path.suffix == "" and has_dicom_preamble(path)
-
-
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
     """Files to classify: named files always; folders scanned recursively.
 
@@ -94,7 +88,7 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
                     f = Path(root) / name
                     if name.startswith("."):
                         skipped += 1
-                    elif _is_candidate(f):
+                    elif looks_like_image(f):
                         files.append(f)
                     else:
                         skipped += 1

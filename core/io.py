@@ -206,6 +206,15 @@ def dicom_identity(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def looks_like_image(path: str | Path) -> bool:
+    """Whether a file found in a folder is taken as an image: an image extension (any case), or
+    no extension and the DICOM preamble, as scanners write them."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    return path.suffix == "" and has_dicom_preamble(path)
+
+
 def laterality_view_from_name(name: str | Path) -> tuple[str | None, str | None]:
     """Laterality and view spelt in a file name or identifier.
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from core.io import IMAGE_EXTENSIONS, dicom_identity, has_dicom_preamble, laterality_view_from_name
+from core.io import dicom_identity, has_dicom_preamble, laterality_view_from_name, looks_like_image
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def search_other_breast(path: str | Path, meta: dict[str, Any] | None = None) ->
         return Search(None, f"its folder holds over {MAX_FOLDER_FILES} files and is not searched")
     others = [f for f in entries
               if f.name != path.name and not f.name.startswith(".") and f.is_file()
-              and (f.suffix.lower() in IMAGE_EXTENSIONS or (f.suffix == "" and has_dicom_preamble(f)))]
+              and looks_like_image(f)]
     ids: list[FilmId | None] = [own, *(film_id(f) for f in others)]
     partner = pair_up(ids)[0]
     if partner > 0:

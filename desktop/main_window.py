@@ -121,6 +121,7 @@ class MainWindow(QMainWindow):
         self._with_heatmap = with_heatmap
         self._compare = str(self.settings.value("analysis/compare_other_breast", "true")).lower() != "false"
         self.other_breast = None  # the OtherBreast of the image shown, if it was read as a pair
+        self._pairing_pending = False  # the shown analysis waits for its other-breast step
         self._show_disclaimer = show_disclaimer
         self.mammogram = None
         self.analysis = None
@@ -680,7 +681,8 @@ class MainWindow(QMainWindow):
             )
         else:
             self.results.set_pairing_note("Looking for the other breast…")
-        if reads_pairs and self._compare:
+        self._pairing_pending = reads_pairs and self._compare
+        if self._pairing_pending:
             self.results.set_busy(True, "Classified alone; reading it beside the other breast…")
         elif self._with_heatmap:
             self.results.set_busy(True, "Classified; computing the explanation heatmap…")
@@ -700,6 +702,7 @@ class MainWindow(QMainWindow):
         self.other_breast_shown.emit(other)
 
     def _after_other_breast(self) -> None:
+        self._pairing_pending = False
         if self._with_heatmap:
             self.results.set_busy(True, "Classified; computing the explanation heatmap…")
             self.results.set_heatmap_status("Computing…")
@@ -739,10 +742,8 @@ class MainWindow(QMainWindow):
 
     def _note_interrupted_pairing(self) -> None:
         # A job replaced while it looked for or read the other breast leaves the film read alone.
-        note = self.results.pairing_text()
-        if self.analysis is not None and self.other_breast is None and (
-            note.startswith("Looking for") or note.startswith("Reading it beside")
-        ):
+        if self._pairing_pending and self.analysis is not None:
+            self._pairing_pending = False
             self.results.set_pairing_note(
                 "Read alone: the comparison with the other breast was interrupted "
                 "(Analysis ▸ Analyse Again, F5, repeats it)."

@@ -56,6 +56,16 @@ def bilateral_score(p_cancer: np.ndarray, other: np.ndarray, weight: float = 1.0
     return out
 
 
+def _paired_rows(other: np.ndarray, n: int, rows: np.ndarray | None) -> np.ndarray:
+    """(N,) bool: films with a partner, among ``rows`` (default: all)."""
+    use = np.asarray(other) >= 0
+    if rows is not None:
+        mask = np.zeros(n, bool)
+        mask[rows] = True
+        use &= mask
+    return use
+
+
 def fit_bilateral(probs: np.ndarray, other: np.ndarray, y: np.ndarray,
                   rows: np.ndarray | None = None) -> dict[str, list] | None:
     """The bilateral model fitted on the paired films among ``rows`` (default: all).
@@ -66,11 +76,7 @@ def fit_bilateral(probs: np.ndarray, other: np.ndarray, y: np.ndarray,
     from sklearn.linear_model import LogisticRegression
 
     probs, other, y = np.asarray(probs, np.float64), np.asarray(other), np.asarray(y)
-    use = other >= 0
-    if rows is not None:
-        mask = np.zeros(len(y), bool)
-        mask[rows] = True
-        use &= mask
+    use = _paired_rows(other, len(y), rows)
     if len(np.unique(y[use])) < 3:
         return None
     x = bilateral_features(probs[use], probs[other[use]])
@@ -86,11 +92,7 @@ def apply_bilateral(probs: np.ndarray, other: np.ndarray, single: np.ndarray,
     out = np.array(single, np.float64, copy=True)
     if params is None:
         return out
-    use = np.asarray(other) >= 0
-    if rows is not None:
-        mask = np.zeros(len(out), bool)
-        mask[rows] = True
-        use &= mask
+    use = _paired_rows(other, len(out), rows)
     if use.any():
         out[use] = bilateral_probs(probs[use], probs[other[use]], np.asarray(params["coef"]),
                                    np.asarray(params["intercept"]))

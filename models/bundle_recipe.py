@@ -194,11 +194,12 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
 # -- Keras parts ------------------------------------------------------------------------------
 
 
-def _lite0_features(input_shape: tuple[int, int, int], name: str, pooled: bool):
+def _lite0_features(input_shape: tuple[int, int, int], name: str, pooled: bool, imagenet: bool = True):
     """ImageNet Lite0 on a [0, 1] greyscale input; (h/32, w/32, 1280) map, or 1280 if pooled.
 
     Returned frozen; the scanner fine-tunes its top blocks, the classifier's patch branch keeps
-    the ImageNet features.
+    the ImageNet features. ``imagenet=False`` skips reading the checkpoint, for a backbone whose
+    weights the caller overwrites at once with a trained scanner's.
     """
     import keras
 
@@ -217,7 +218,8 @@ def _lite0_features(input_shape: tuple[int, int, int], name: str, pooled: bool):
                                    pooling="avg" if pooled else None, drop_connect_rate=0.0,
                                    name=f"{name}_net")
     model = keras.Model(inp, net(x), name=name)
-    load_lite0_imagenet(model)
+    if imagenet:
+        load_lite0_imagenet(model)
     model.trainable = False
     return model
 
@@ -269,7 +271,7 @@ def build_segmenter(cfg: RecipeConfig, scanners, scales=None):
         if scale > 1:
             x = layers.AveragePooling2D(scale, name=f"downsample{sfx}")(x)
         shape = (cfg.canvas[0] // scale, cfg.canvas[1] // scale, 1)
-        canvas_net = _lite0_features(shape, f"lite0_canvas{sfx}", pooled=False)
+        canvas_net = _lite0_features(shape, f"lite0_canvas{sfx}", pooled=False, imagenet=False)
         canvas_net.set_weights(scanner.get_layer("lite0_scan").get_weights())
         kernel, bias = scanner.get_layer("scan_probs").get_weights()
         conv = layers.Conv2D(len(CELL_CLASSES), 1, name=f"cell_logits{sfx}")
@@ -306,7 +308,7 @@ def build_verifier(cfg: RecipeConfig, scanners):
     readings = []
     for j, scanner in enumerate(scanners):
         sfx = "" if j == 0 else f"_{j}"
-        backbone = _lite0_features(shape, f"lite0_verify{sfx}", pooled=True)
+        backbone = _lite0_features(shape, f"lite0_verify{sfx}", pooled=True, imagenet=False)
         backbone.set_weights(scanner.get_layer("lite0_scan").get_weights())
         dense = layers.Dense(len(CELL_CLASSES), activation="softmax", name=f"verify_dense{sfx}")
         one = keras.Sequential([backbone, dense], name=f"verify_scanner{sfx}")

@@ -826,8 +826,10 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         {"names": films.names, "patients": films.patients.tolist(), "labels": y.tolist(),
          "folds": fold_of.tolist(), **{k: v.tolist() for k, v in oof.items()}}))
     (out / "histories.json").write_text(json.dumps(histories))
-    # The out-of-fold cell maps, for studying the scan's aggregation without retraining.
-    np.savez_compressed(out / "oof_cells.npz", cells=oof_cells, names=np.array(films.names))
+    # The out-of-fold cell maps and breast cells, for studying the scan's aggregation and the
+    # bilateral probes (models.bilateral) without retraining.
+    np.savez_compressed(out / "oof_cells.npz", cells=oof_cells, names=np.array(films.names),
+                        breast=films.cell_breast)
     reports, temperature, calibration, bilateral = evaluate_oof(out, cfg.seed)
 
     # Final models on all films.

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from core.bundle import BundleError  # noqa: E402
-from core.inference import Analyzer  # noqa: E402
+from core.inference import Analyzer, breast_cells, pipeline_inputs  # noqa: E402
 from core.io import read_image  # noqa: E402
 from core.preprocess import PreprocessConfig  # noqa: E402
 from models.bundle_recipe import RecipeConfig, run  # noqa: E402
@@ -33,7 +33,7 @@ def tiny_run(tmp_path_factory, shared_data):
     return out, bundle, summary
 
 
-def test_cross_validation_reports_out_of_fold_figures(tiny_run):
+def test_cross_validation_reports_out_of_fold_figures(tiny_run, mias_dir):
     out, _, summary = tiny_run
     oof = json.loads((out / "oof_predictions.json").read_text())
     n = len(oof["labels"])
@@ -50,8 +50,17 @@ def test_cross_validation_reports_out_of_fold_figures(tiny_run):
         assert (out / f).stat().st_size > 0
     table = (out / "comparison.md").read_text()
     assert "patch scan" in table and "seed-style" in table and "beside the other breast" in table
-    cells = np.load(out / "oof_cells.npz")["cells"]
+    saved = np.load(out / "oof_cells.npz")
+    cells = saved["cells"]
     assert cells.shape == (n, 256 // 32, 192 // 32, 3) and np.allclose(cells.sum(axis=-1), 1, atol=1e-4)
+    # The breast cells are saved beside the maps (for models.bilateral's probes), as core finds them.
+    breast = saved["breast"]
+    assert breast.shape == cells.shape[:3] and breast.dtype == bool
+    cfg = RecipeConfig(canvas=(256, 192), global_px=64,
+                       preprocessing=PreprocessConfig(fallback_height_px=256, target_spacing_mm=0.8))
+    x = pipeline_inputs(read_image(mias_dir / str(saved["names"][0])), cfg.preprocessing, cfg.canvas,
+                        cfg.global_px)
+    np.testing.assert_array_equal(breast[0], breast_cells(x["canvas_breast"], cfg.cell_px))
 
 
 def test_exported_bundle_runs_in_core(tiny_run, mias_dir):

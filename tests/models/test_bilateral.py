@@ -118,3 +118,44 @@ def test_the_stage_beats_one_film_when_the_other_breast_carries_the_offset():
     lone = {**oof, "patients": [*oof["patients"][:-1], "alone"]}
     kept = evaluate_bilateral(lone, probs)["probabilities"]
     np.testing.assert_allclose(kept[-1], probs[-1])
+
+
+def _cells(malignant: dict[tuple[int, int], float], shape=(8, 6)) -> np.ndarray:
+    """A cell map of normal tissue (P(malignant) 0.01) with the given malignant cells."""
+    c = np.zeros((*shape, 3))
+    c[..., 0], c[..., 1], c[..., 2] = 0.98, 0.01, 0.01
+    for (r, col), p in malignant.items():
+        c[r, col] = [1 - p - 0.01, 0.01, p]
+    return c
+
+
+def test_local_asymmetry_sees_a_lesion_the_other_breast_lacks_at_that_place():
+    from models.bilateral import local_asymmetry
+
+    breast = np.ones((8, 6), bool)
+    lesion = _cells({(3, 2): 0.9})
+    odds = np.log(0.9 / 0.09) - np.log(0.01 / 0.98)  # its malignant log-odds above normal tissue
+    # Other breast normal: the lesion stands out by its log-odds (top 1).
+    assert local_asymmetry(lesion, breast, _cells({}), breast, top=1)[1] == pytest.approx(odds, rel=1e-5)
+    # The same finding one cell away in the other breast (within the window): nothing stands out.
+    assert local_asymmetry(lesion, breast, _cells({(4, 3): 0.9}), breast, top=1)[1] == pytest.approx(0.0, abs=1e-5)
+    # ... but four cells away it is outside a 5-cell window and the lesion stands out again.
+    far = local_asymmetry(lesion, breast, _cells({(7, 5): 0.9}), breast, top=1)[1]
+    assert far == pytest.approx(odds, rel=1e-5)
+    # An empty breast gives zeros.
+    assert local_asymmetry(lesion, np.zeros_like(breast), _cells({}), breast).tolist() == [0.0, 0.0]
+
+
+def test_cli_prints_the_asymmetry_probe_when_the_run_saved_cell_maps(tmp_path, capsys):
+    probs, y, patients, folds = _women(30, 5)
+    (tmp_path / "oof_predictions.json").write_text(json.dumps(
+        {"labels": y.tolist(), "patients": patients.tolist(), "folds": folds.tolist(),
+         "lesion_multibranch": probs.tolist()}))
+    rng = np.random.default_rng(0)
+    cells = rng.dirichlet([8, 1, 1], (len(y), 8, 6))
+    np.savez_compressed(tmp_path / "oof_cells.npz", cells=cells, breast=np.ones((len(y), 8, 6), bool))
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Local asymmetry probe" in out and "| bilateral + local asymmetry | 60 |" in out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--window", "0"])

@@ -77,17 +77,21 @@ def fit_bilateral(probs: np.ndarray, other: np.ndarray, y: np.ndarray,
     Returns ``{"coef": (3, 4), "intercept": (3,)}`` as lists (model.json's
     ``pipeline.bilateral``), or None when those films do not hold all three classes.
     """
-    from sklearn.linear_model import LogisticRegression
-
     probs, other, y = np.asarray(probs, np.float64), np.asarray(other), np.asarray(y)
     use = _paired_rows(other, len(y), rows)
     if len(np.unique(y[use])) < 3:
         return None
-    x = bilateral_features(probs[use], probs[other[use]])
+    m = _logistic(bilateral_features(probs[use], probs[other[use]]), y[use])
+    return {"coef": m.coef_.tolist(), "intercept": m.intercept_.tolist()}
+
+
+def _logistic(x: np.ndarray, y: np.ndarray):
+    """The stage's multinomial logistic model (L2, C = REGULARISATION_C) fitted on ``x``, ``y``."""
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny smoke runs
-        m = LogisticRegression(C=REGULARISATION_C, max_iter=5000).fit(x, y[use])
-    return {"coef": m.coef_.tolist(), "intercept": m.intercept_.tolist()}
+        return LogisticRegression(C=REGULARISATION_C, max_iter=5000).fit(x, y)
 
 
 def apply_bilateral(probs: np.ndarray, other: np.ndarray, single: np.ndarray,
@@ -190,14 +194,9 @@ def local_asymmetry(cells: np.ndarray, breast: np.ndarray, other_cells: np.ndarr
 
 def _cross_fitted_features(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
     """Each fold's probabilities from a multinomial logistic model fitted on the other folds."""
-    from sklearn.linear_model import LogisticRegression
-
     out = np.zeros((len(y), len(CLASSES)))
     for k in np.unique(folds):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = LogisticRegression(C=REGULARISATION_C, max_iter=5000).fit(x[folds != k], y[folds != k])
-        out[folds == k] = m.predict_proba(x[folds == k])
+        out[folds == k] = _logistic(x[folds != k], y[folds != k]).predict_proba(x[folds == k])
     return out
 
 

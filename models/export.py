@@ -591,8 +591,6 @@ _GENERIC_LIMITS = (
     "populations or other views.",
     "Intervals are bootstrap intervals on the evaluation data: they describe sampling "
     "uncertainty, not the change in performance on data from elsewhere.",
-    "Each image is analysed on its own: no comparison with prior examinations, the other view "
-    "or the other breast, and no clinical information.",
     "Probabilities (after the temperature) say how sure the model is, calibrated on the "
     "evaluation data; they are not the probability that a person has cancer.",
 )
@@ -710,7 +708,15 @@ def render_model_card(model_json: Mapping[str, Any]) -> str:
         else:
             lines += [f"- {key}: {_scalar(v)}", ""]
     lines += ["## Limits", ""]
-    lines += [f"- {text}" for text in (*_GENERIC_LIMITS, *j.get("limitations", []))]
+    if (j.get("pipeline") or {}).get("bilateral"):
+        alone = ("No comparison with prior examinations or the other view of the same breast, and "
+                 "no clinical information; the only comparison is with the other breast's film of "
+                 "the same view, when it is at hand.")
+    else:
+        alone = ("Each image is analysed on its own: no comparison with prior examinations, the "
+                 "other view or the other breast, and no clinical information.")
+    limits = (*_GENERIC_LIMITS[:2], alone, *_GENERIC_LIMITS[2:], *j.get("limitations", []))
+    lines += [f"- {text}" for text in limits]
     lines += ["", "## Provenance", ""]
     if j.get("created"):
         lines.append(f"- Created: {j['created']}")

@@ -331,3 +331,12 @@ def test_verifier_and_verify_top_come_together(models, tmp_path):
     with pytest.raises(ValueError, match="verify_top"):
         export.write_bundle(tmp_path / "b", classifier, segmenter, metadata(), verifier_model=classifier)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_card_says_which_comparison_the_bundle_makes():
+    single = export.render_model_card(metadata())
+    assert "no comparison with prior examinations, the other view or the other breast" in single
+    pipeline = {**metadata()["pipeline"], "bilateral": {"features": ["benign", "cancer"]}}
+    paired = export.render_model_card(metadata(pipeline=pipeline))
+    assert "the other breast" in paired and "Each image is analysed on its own" not in paired
+    assert "the only comparison is with the other breast's film of the same view" in paired

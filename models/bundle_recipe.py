@@ -136,16 +136,33 @@ class Films:
     mammograms: list[Any]
 
 
-def _severity_masks(record, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Full-resolution benign and malignant lesion masks from a record's lesion circles."""
+def _severity_masks(record, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list]:
+    """Full-resolution benign and malignant lesion masks from a record's lesion circles and mask
+    files, and the lesions as circles: (x, y, radius, severity) in full-resolution pixels. A mask
+    file's circle is its centroid and the radius of a disc of its area."""
     import cv2
 
+    from models.data import read_mask
+
     out = {"Benign": np.zeros(shape, np.uint8), "Cancer": np.zeros(shape, np.uint8)}
+    circles = []
     for les in record.lesions:
-        if les.radius is None or les.x is None:
-            continue
-        cv2.circle(out[les.severity], (int(round(les.x)), int(round(les.y))), int(round(les.radius)), 1, -1)
-    return out["Benign"].astype(bool), out["Cancer"].astype(bool)
+        if les.has_centre:
+            cv2.circle(out[les.severity], (int(round(les.x)), int(round(les.y))), int(round(les.radius)), 1, -1)
+            circles.append((float(les.x), float(les.y), float(les.radius), les.severity))
+        elif les.mask_path is not None:
+            mask = read_mask(les.mask_path)
+            if mask.shape != tuple(shape):
+                raise ValueError(f"lesion mask {les.mask_path} is {mask.shape[1]}x{mask.shape[0]} px "
+                                 f"but its image is {shape[1]}x{shape[0]} px")
+            rows, cols = np.nonzero(mask)
+            if not len(rows):
+                log.warning("%s: empty lesion mask, skipped", les.mask_path)
+                continue
+            out[les.severity] |= mask.astype(np.uint8)
+            circles.append((float(cols.mean()), float(rows.mean()), float(np.sqrt(len(rows) / np.pi)),
+                            les.severity))
+    return out["Benign"].astype(bool), out["Cancer"].astype(bool), circles
 
 
 def prepare_films(records, cfg: RecipeConfig) -> Films:
@@ -159,18 +176,16 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
     for i, r in enumerate(records):
         m = read_image(r.path)
         x = pipeline_inputs(m, cfg.preprocessing, cfg.canvas, cfg.global_px)
-        benign, malignant = _severity_masks(r, m.pixels.shape)
+        benign, malignant, circles = _severity_masks(r, m.pixels.shape[:2])
         cb = x["canvas_t"].apply(benign, nearest=True).astype(bool)
         cm = x["canvas_t"].apply(malignant, nearest=True).astype(bool)
         bc = breast_cells(x["canvas_breast"], c)
-        # Abnormal films without a lesion centre (spread calcifications): no normal patch is
-        # drawn from them, as any of their tissue may be the lesion.
-        unknown.append(r.label != "Normal" and not any(les.radius for les in r.lesions))
-        for les in r.lesions:
-            if les.radius is None or les.x is None:
-                continue
-            cx, cy = x["canvas_t"].forward(np.array([[les.x, les.y]], np.float64))[0]
-            lesions.append((i, cx, cy, les.radius * x["canvas_t"].sx, 1 if les.severity == "Benign" else 2))
+        # Abnormal films without a located lesion (MIAS' spread calcifications): no normal patch
+        # is drawn from them, as any of their tissue may be the lesion.
+        unknown.append(r.label != "Normal" and not circles)
+        for lx, ly, radius, severity in circles:
+            cx, cy = x["canvas_t"].forward(np.array([[lx, ly]], np.float64))[0]
+            lesions.append((i, cx, cy, radius * x["canvas_t"].sx, 1 if severity == "Benign" else 2))
         names.append(r.path.name)
         patients.append(str(r.patient_id))
         labels.append(CLASSES.index(r.label))
@@ -189,6 +204,18 @@ def prepare_films(records, cfg: RecipeConfig) -> Films:
                  np.stack(base), np.stack(cell_breast), np.stack(canvas_breast),
                  np.stack(canvas_lesion), np.array(lesions, np.float64).reshape(-1, 5),
                  np.array(unknown, bool), inputs, mammos)
+
+
+def join_films(a: Films, b: Films) -> Films:
+    """``a`` then ``b`` as one set, for the patch sampler (``b``'s lesion rows re-indexed)."""
+    lesions_b = b.lesions.copy()
+    lesions_b[:, 0] += len(a.names)
+    cat = np.concatenate
+    return Films(a.names + b.names, cat([a.patients, b.patients]), cat([a.labels, b.labels]),
+                 cat([a.canvases, b.canvases]), cat([a.globals_, b.globals_]), cat([a.baseline, b.baseline]),
+                 cat([a.cell_breast, b.cell_breast]), cat([a.canvas_breast, b.canvas_breast]),
+                 cat([a.canvas_lesion, b.canvas_lesion]), cat([a.lesions, lesions_b]),
+                 cat([a.unknown, b.unknown]), a.inputs + b.inputs, a.mammograms + b.mammograms)
 
 
 # -- Keras parts ------------------------------------------------------------------------------
@@ -550,12 +577,19 @@ def train_scanner(films: Films, idx: np.ndarray, cfg: RecipeConfig, seed: int, s
     return scanner, history
 
 
-def train_scanners(films: Films, idx: np.ndarray, cfg: RecipeConfig, seed: int):
+def train_scanners(films: Films, idx: np.ndarray, cfg: RecipeConfig, seed: int,
+                   extra: Films | None = None):
     """One scanner per entry of ``cfg.scan_scales`` (seeds ``seed``, ``seed + 1000``, ...).
+
+    ``extra`` films (another dataset's, e.g. Mini-DDSM with its lesion masks) are added to the
+    scanners' training films ``idx``; they take no part in anything else.
 
     Returns the scanners and their histories, keyed ``scanner_loss`` (first scanner),
     ``scanner1_loss``, ...
     """
+    if extra is not None and len(extra.names):
+        idx = np.concatenate([np.asarray(idx), len(films.names) + np.arange(len(extra.names))])
+        films = join_films(films, extra)
     scanners, histories = [], {}
     for j, scale in enumerate(cfg.scan_scales):
         scanner, hist = train_scanner(films, idx, cfg, seed + 1000 * j, scale)
@@ -744,11 +778,15 @@ def reevaluate(out: Path, seed: int = 0) -> dict[str, Any]:
 
 
 def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
-        every: int = 1) -> dict[str, Any]:
+        every: int = 1, keep_folds: bool = False, scanner_extra: Path | None = None,
+        cv_only: bool = False) -> dict[str, Any]:
+    """The recipe: cross-validation, its evaluation, then the final models (unless ``cv_only``)
+    and their bundle (if ``bundle``). ``scanner_extra`` is a Mini-DDSM folder whose films and
+    lesion masks are added to every scanner's training films (never evaluated on)."""
     import keras
 
     from models import evaluation as ev
-    from models.data import load_mias, patient_kfold
+    from models.data import load_mias, load_mini_ddsm, patient_kfold
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -759,6 +797,17 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         records = [r for r in records if r.patient_id in keep]
     log.info("MIAS: %d films", len(records))
     films = prepare_films(records, cfg)
+    extra = None
+    if scanner_extra is not None:
+        extra_records = load_mini_ddsm(scanner_extra)
+        if not extra_records:
+            raise ValueError(f"{scanner_extra}: no Mini-DDSM films found")
+        extra = prepare_films(extra_records, cfg)
+        log.info("scanner extra: %d films, %d lesions from %s", len(extra.names), len(extra.lesions),
+                 scanner_extra)
+        (out / "config.json").write_text(json.dumps(
+            {**cfg.to_dict(), "scanner_extra": {"path": str(scanner_extra), "films": len(extra.names),
+                                                "lesions": int(len(extra.lesions))}}, indent=2))
     t_prep = time.perf_counter()
     log.info("prepared in %.0fs", t_prep - t_start)
 
@@ -776,8 +825,14 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     for fold, (tr, te) in enumerate(splits):
         tf0 = time.perf_counter()
         tr, te = np.asarray(tr), np.asarray(te)
-        scanners, scan_hist = train_scanners(films, tr, cfg, cfg.seed + fold)
+        scanners, scan_hist = train_scanners(films, tr, cfg, cfg.seed + fold, extra)
         probs_all = cell_probs(build_segmenter(cfg, scanners), films.canvases)
+        if keep_folds:  # the fold's scanners and raw cell maps, to study later stages without retraining
+            fold_dir = out / "folds" / str(fold)
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            for j, scanner in enumerate(scanners):
+                scanner.save(fold_dir / f"scanner{j}.keras")
+            np.savez_compressed(fold_dir / "raw_cells.npz", cells=probs_all, train=tr, test=te)
         verifier = build_verifier(cfg, scanners) if cfg.verify_top else None
         probs_all = verified_probs(films, probs_all, verifier, cfg)
         oof_cells[te] = probs_all[te]
@@ -831,9 +886,16 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     np.savez_compressed(out / "oof_cells.npz", cells=oof_cells, names=np.array(films.names),
                         breast=films.cell_breast)
     reports, temperature, calibration, bilateral = evaluate_oof(out, cfg.seed)
+    if cv_only:
+        summary = {"reports": reports, "segmenter": seg_report, "temperature": float(temperature),
+                   "calibration": calibration, "bilateral": bilateral,
+                   "seconds": time.perf_counter() - t_start, "n_films": n,
+                   "n_patients": int(len(set(films.patients))), "final_models": False}
+        (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))
+        return summary
 
     # Final models on all films.
-    scanners, scan_hist = train_scanners(films, np.arange(n), cfg, cfg.seed)
+    scanners, scan_hist = train_scanners(films, np.arange(n), cfg, cfg.seed, extra)
     segmenter = build_segmenter(cfg, scanners)
     verifier = build_verifier(cfg, scanners) if cfg.verify_top else None
     probs_all = verified_probs(films, cell_probs(segmenter, films.canvases), verifier, cfg)
@@ -871,14 +933,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scan-scales", type=int, nargs="+", default=list(RecipeConfig.scan_scales),
                    metavar="S", help="one patch scanner per scale (canvas downsampling factor)")
     p.add_argument("--every", type=int, default=1, help="use every N-th film (smoke runs only)")
+    p.add_argument("--keep-folds", action="store_true",
+                   help="save each fold's scanners and raw cell maps under OUT/folds/ (for studies)")
+    p.add_argument("--scanner-extra", type=Path, default=None, metavar="MINI_DDSM",
+                   help="a Mini-DDSM folder whose films and lesion masks are added to the "
+                        "scanners' training films (not evaluated on)")
+    p.add_argument("--cv-only", action="store_true",
+                   help="stop after the cross-validation and its evaluation (no final models)")
     args = p.parse_args(argv)
+    if args.cv_only and args.bundle is not None:
+        p.error("--cv-only trains no final models, so there is no bundle to export")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = RecipeConfig(folds=args.folds, cls_epochs=args.cls_epochs, scan_epochs=args.scan_epochs,
                            scan_scales=tuple(args.scan_scales))
     except ValueError as e:
         p.error(str(e))
-    run(args.data, args.out, args.bundle, cfg, args.every)
+    if args.scanner_extra is not None:
+        from models.data import load_mini_ddsm
+
+        if not args.scanner_extra.is_dir() or not load_mini_ddsm(args.scanner_extra):
+            p.error(f"--scanner-extra {args.scanner_extra}: not a Mini-DDSM folder (Benign/, Cancer/ "
+                    "or Normal/ with case folders of C_0029_1.LEFT_CC.jpg-style films)")
+    run(args.data, args.out, args.bundle, cfg, args.every, args.keep_folds, args.scanner_extra,
+        args.cv_only)
     return 0
 
 

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory, shared_data):
                        scan_epochs=1, scan_lesion_patches=8, scan_normal_patches=16,
                        cls_epochs=1, baseline_px=64,
                        preprocessing=PreprocessConfig(fallback_height_px=256, target_spacing_mm=0.8))
-    summary = run(shared_data, out, bundle, cfg, every=16)
+    summary = run(shared_data, out, bundle, cfg, every=16, keep_folds=True)
     return out, bundle, summary
 
 
@@ -56,6 +56,12 @@ def test_cross_validation_reports_out_of_fold_figures(tiny_run, mias_dir):
     # The breast cells are saved beside the maps (for models.bilateral's probes), as core finds them.
     breast = saved["breast"]
     assert breast.shape == cells.shape[:3] and breast.dtype == bool
+    # --keep-folds: each fold's scanners and raw maps; its held-out films are the out-of-fold rows.
+    for k in range(2):
+        kept = np.load(out / "folds" / str(k) / "raw_cells.npz")
+        assert set(kept["test"]) == set(np.flatnonzero(folds == k))
+        assert kept["cells"].shape == cells.shape and not set(kept["train"]) & set(kept["test"])
+        assert (out / "folds" / str(k) / "scanner0.keras").stat().st_size > 0
     cfg = RecipeConfig(canvas=(256, 192), global_px=64,
                        preprocessing=PreprocessConfig(fallback_height_px=256, target_spacing_mm=0.8))
     x = pipeline_inputs(read_image(mias_dir / str(saved["names"][0])), cfg.preprocessing, cfg.canvas,
@@ -231,6 +237,43 @@ def test_patch_sampler_centres_lesion_patches_on_lesions_and_normal_ones_away(sc
     assert (x[y == 0, 31:33, 31:33, 0].max(axis=(1, 2)) < 0.4).all()  # never on a lesion
 
 
+def test_mini_ddsm_mask_lesions_become_scanner_circles_inside_their_masks(miniddsm_dir):
+    from models.bundle_recipe import prepare_films
+    from models.data import load_mini_ddsm
+
+    records = load_mini_ddsm(miniddsm_dir)
+    films = prepare_films(records, RecipeConfig())
+    with_masks = [i for i, r in enumerate(records) if r.mask_paths]
+    assert set(films.lesions[:, 0].astype(int)) == set(with_masks)
+    assert len(films.lesions) == sum(len(records[i].mask_paths) for i in with_masks)
+    assert (films.lesions[:, 4] == 1).all()  # the sample's cases are all benign
+    for i, x, y, r, _ in films.lesions:
+        assert films.canvas_lesion[int(i), int(round(y)), int(round(x))]  # centre on its mask
+        area = films.canvas_lesion[int(i)].sum()
+        assert np.pi * r * r <= area * 1.05  # a disc no larger than the film's lesion pixels
+    assert not films.unknown.any()  # every abnormal view's lesion is located
+
+
+def test_extra_films_join_the_sampler_with_their_lesions():
+    from models.bundle_recipe import PatchSampler, join_films
+
+    a, b = _synthetic_films(), _synthetic_films()
+    b.canvases[~b.canvas_lesion] = 0.5  # b's tissue is brighter than a's (0.2): tells them apart
+    joined = join_films(a, b)
+    assert len(joined.names) == 8 and joined.canvases.shape[0] == 8
+    assert joined.lesions[2:, 0].tolist() == [4.0, 5.0] and joined.lesions[:2, 0].tolist() == [0.0, 1.0]
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_lesion_patches=200,
+                       scan_normal_patches=200)
+    x, y = PatchSampler(joined, np.arange(8), cfg).epoch(np.random.default_rng(0))
+    centre = x[:, 31:33, 31:33, 0].min(axis=(1, 2))
+    assert (centre[y > 0] > 0.8).all()
+    # After any gamma and gain a's tissue reads below 0.31 and b's above 0.37: a lesion patch's
+    # corner and a normal patch's centre are tissue, so they say which set a patch came from.
+    lesion_from_b = x[y > 0, 0, 0, 0] > 0.34
+    normal_from_b = centre[y == 0] > 0.34
+    assert 0.35 < lesion_from_b.mean() < 0.65 and 0.35 < normal_from_b.mean() < 0.65
+
+
 def test_hard_negatives_are_high_scoring_cells_clear_of_lesions():
     from models.bundle_recipe import PatchSampler
 
@@ -295,3 +338,34 @@ def test_bundle_description_follows_the_scanners_of_the_run():
     assert "Verifier" not in two
     verified = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "verify_top": 16})
     assert "16 most lesion-like cells" in verified and "128 px patch" in verified
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "expected"),
+    [(["--cv-only", "--bundle", "b"], "no bundle to export"),
+     (["--scanner-extra", "MIAS"], "not a Mini-DDSM folder"),
+     (["--scanner-extra", "nowhere"], "not a Mini-DDSM folder")],
+)
+def test_recipe_cli_rejects_bad_options_before_training(extra_args, expected, mias_dir, tmp_path,
+                                                        monkeypatch, capsys):
+    from models import bundle_recipe
+
+    monkeypatch.setattr(bundle_recipe, "run", lambda *a: pytest.fail("training started"))
+    args = [str(mias_dir) if a == "MIAS" else str(tmp_path / a) if a in ("b", "nowhere") else a
+            for a in extra_args]
+    with pytest.raises(SystemExit) as exit_info:
+        bundle_recipe.main(["--data", str(mias_dir.parent), "--out", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_cli_hands_the_extra_films_and_cv_only_to_the_run(miniddsm_dir, mias_dir, tmp_path,
+                                                                monkeypatch):
+    from models import bundle_recipe
+
+    calls = []
+    monkeypatch.setattr(bundle_recipe, "run", lambda *a: calls.append(a) or {})
+    assert bundle_recipe.main(["--data", str(mias_dir.parent), "--out", str(tmp_path / "run"),
+                               "--scanner-extra", str(miniddsm_dir), "--cv-only"]) == 0
+    (_, out, bundle, _, every, keep, extra, cv_only), = calls
+    assert extra == miniddsm_dir and cv_only and bundle is None and not keep and every == 1

@@ -182,7 +182,7 @@ def _read_pair(analyzer, row_a: BatchRow, a, row_b: BatchRow, b) -> None:
         return
     for row, probs, other in ((row_a, pa, row_b.path), (row_b, pb, row_a.path)):
         row.probabilities = tuple(float(v) for v in probs)
-        row.predicted = analyzer.classes[int(np.argmax(probs))]
+        row.predicted = analyzer.call_pair(probs)
         row.other_breast = other
 
 

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from core.bundle import Bundle, BundleError, load_bundle
+from core.decision import decide
 from core.io import Mammogram
 from core.pairing import bilateral_probs, check_bilateral
 from core.paths import default_bundle_dir
@@ -315,6 +316,8 @@ class Analyzer:
                               if p.get("bilateral") is not None else None)
         except ValueError as exc:
             raise BundleError(f"{bundle.path}: model.json {exc}") from None
+        # The prior of a pair's balanced call (core.decision); None: a pair is called its arg-max.
+        self.pair_prior = self.bilateral.pop("class_prior", None) if self.bilateral else None
         self._seg = _Model(bundle.file("segmenter.tflite"), threads)
         self._cls = _Model(bundle.file("classifier.tflite"), threads)
         self._ver = _Model(bundle.file("verifier.tflite"), threads) if self.verify_top > 0 else None
@@ -368,6 +371,11 @@ class Analyzer:
         if film.raw_probabilities is None or other.raw_probabilities is None:
             raise ValueError("both analyses need their raw classifier probabilities")
         return self.compare_raw(film.raw_probabilities, other.raw_probabilities)
+
+    def call_pair(self, probabilities: np.ndarray) -> str:
+        """The class a film read beside the other breast is called (:mod:`core.decision`):
+        the balanced call when the bundle gives the prior, else the most probable class."""
+        return self.classes[decide(np.asarray(probabilities), self.pair_prior)]
 
     def compare_raw(self, film: np.ndarray, other: np.ndarray) -> np.ndarray:
         """:meth:`compare` on the two films' raw classifier probabilities."""

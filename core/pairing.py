@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from core.decision import check_class_prior
 from core.io import dicom_identity, has_dicom_preamble, laterality_view_from_name, looks_like_image
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,11 @@ BILATERAL_CLASSES = ("Normal", "Benign", "Cancer")  # the order the features ass
 
 
 def check_bilateral(params: Any, classes: Sequence[str]) -> dict[str, np.ndarray]:
-    """model.json's ``pipeline.bilateral`` as arrays; ValueError says what is wrong."""
+    """model.json's ``pipeline.bilateral`` as arrays; ValueError says what is wrong.
+
+    Returns ``coef`` and ``intercept``, and ``class_prior`` when the entry has one (the prior of
+    the pair's balanced call, :mod:`core.decision`).
+    """
     if tuple(classes) != BILATERAL_CLASSES:
         raise ValueError(f"pipeline.bilateral needs the classes {list(BILATERAL_CLASSES)} in this "
                          f"order (the bundle has {list(classes)})")
@@ -232,7 +237,13 @@ def check_bilateral(params: Any, classes: Sequence[str]) -> dict[str, np.ndarray
                          f"(got {coef.shape} and {intercept.shape})")
     if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
         raise ValueError("pipeline.bilateral holds non-finite numbers")
-    return {"coef": coef, "intercept": intercept}
+    out = {"coef": coef, "intercept": intercept}
+    if params.get("class_prior") is not None:
+        try:
+            out["class_prior"] = check_class_prior(params["class_prior"], len(BILATERAL_CLASSES))
+        except ValueError as exc:
+            raise ValueError(f"pipeline.bilateral {exc}") from None
+    return out
 
 
 def bilateral_probs(probs: np.ndarray, other: np.ndarray, coef: np.ndarray,

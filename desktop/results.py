@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor, QFont
 from PySide6.QtWidgets import (
@@ -248,6 +249,9 @@ class ResultsWidget(QWidget):
         if classes:
             self.bars.set_classes(classes)
 
+    def predicted_text(self) -> str:
+        return self._predicted.text()
+
     def model_text(self) -> str:
         return self._model_label.text()
 
@@ -290,7 +294,14 @@ class ResultsWidget(QWidget):
         """Bars of the film read beside the other breast (a ``desktop.workers.OtherBreast``)."""
         single = other.single
         self.bars.set_probabilities(other.probabilities, other.predicted)
-        self._predicted.setText(f"Model's top class: <b>{other.predicted}</b>")
+        top = single.classes[int(np.argmax(other.probabilities))]
+        if top == other.predicted:
+            self._predicted.setText(f"Model's top class: <b>{other.predicted}</b>")
+        else:  # the bundle's balanced call (core.decision) picked a less common class
+            self._predicted.setText(
+                f"Model's call: <b>{other.predicted}</b><br><span style='color: #555555;'>"
+                f"{top} is more probable, but {other.predicted} stands higher against how common "
+                "it was among the training films.</span>")
         alone = ", ".join(f"{c} {percent_text(float(p))}"
                           for c, p in zip(single.classes, single.probabilities, strict=True))
         self._pairing.setText(

@@ -122,7 +122,7 @@ def other_breast_steps(path: Path, mammogram, analysis, analyzer) -> Generator[S
         log.info("the other breast %s could not be read: %s", other_path, exc)
         yield Step("other_breast_failed", (other_path, exc))
         return
-    predicted = analyzer.classes[int(probs.argmax())]
+    predicted = analyzer.call_pair(probs)
     yield Step("other_breast", OtherBreast(other_path, probs, predicted, analysis),
                time.perf_counter() - start)
 

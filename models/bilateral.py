@@ -127,7 +127,8 @@ def cross_fitted(probs: np.ndarray, single: np.ndarray, patients: np.ndarray, y:
     return out, fitted
 
 
-def evaluate_bilateral(oof: dict[str, Any], single: np.ndarray, seed: int = 0) -> dict[str, Any]:
+def evaluate_bilateral(oof: dict[str, Any], single: np.ndarray, seed: int = 0,
+                       class_prior: np.ndarray | None = None) -> dict[str, Any]:
     """Cross-fitted figures of the bilateral stage and the model to ship.
 
     Parameters
@@ -137,6 +138,9 @@ def evaluate_bilateral(oof: dict[str, Any], single: np.ndarray, seed: int = 0) -
     single : ndarray
         (N, 3) the single-film probabilities the app would show (after the shipped temperature);
         films without a partner keep these.
+    class_prior : ndarray, optional
+        (C,) or (N, C) priors of the balanced call (:func:`core.decision.decide`) for the report;
+        None: arg-max.
     """
     y = np.asarray(oof["labels"])
     patients = np.asarray(oof["patients"])
@@ -148,7 +152,8 @@ def evaluate_bilateral(oof: dict[str, Any], single: np.ndarray, seed: int = 0) -
     return {
         "params": params,
         "probabilities": combined,
-        "report": ev.classification_report(y, combined, CLASSES, groups=patients, seed=seed),
+        "report": ev.classification_report(y, combined, CLASSES, groups=patients, seed=seed,
+                                           class_prior=class_prior),
         "paired_films": int((other >= 0).sum()),
         "folds_with_model": fitted,
         "method": "multinomial logistic regression (L2, C = 1) on the log-odds of Benign and "

@@ -107,6 +107,9 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "pairing": "same patient and view, opposite side, exactly one film each "
                        "(core.pairing)",
         }
+        decision = evaluation.get("decision")
+        if decision is not None:  # runs evaluated before the balanced call keep the arg-max
+            pipeline["bilateral"].update(class_prior=decision["class_prior"], call=decision["call"])
         figures["data"] = data + ("; the classifier figures are of films read beside the other "
                                   f"breast ({bilateral['paired_films']} of {n} films have it)")
         figures["classifier"] = reports["lesion_multibranch_bilateral"]

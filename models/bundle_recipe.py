@@ -741,14 +741,24 @@ def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[
         calibrated = ours
     calibration["shipped_temperature"] = temperature
     # The other breast: fitted on these out-of-fold probabilities, cross-fitted for its figures.
-    staged = evaluate_bilateral(oof, calibrated, seed)
+    # A pair is called the balanced class (core.decision), each fold with its training films'
+    # class shares; a film read alone, and the references, are called by their arg-max.
+    try:
+        prior = ev.fold_class_priors(y, folds, len(CLASSES))
+    except ValueError:  # a fold trained without some class (tiny runs): no balanced call
+        prior = None
+    staged = evaluate_bilateral(oof, calibrated, seed, class_prior=prior)
     shipped = calibrated
     rows = {"lesion-aware multi-branch, one film (ours)": reports["lesion_multibranch_calibrated"]}
     bilateral = None
     if staged["params"] is not None:
         reports["lesion_multibranch_bilateral"] = staged["report"]
         shipped = staged["probabilities"]
+        # The same probabilities called by their arg-max: what the balanced call changes.
+        reports["lesion_multibranch_bilateral_argmax"] = ev.classification_report(
+            y, shipped, CLASSES, groups=groups, seed=seed)
         rows = {"lesion-aware multi-branch beside the other breast (ours, shipped)": staged["report"],
+                "the same, arg-max call": reports["lesion_multibranch_bilateral_argmax"],
                 **rows}
         bilateral = {k: staged[k] for k in ("params", "paired_films", "folds_with_model", "method")}
     plots.plot_confusion_matrix(rows[next(iter(rows))]["confusion_matrix"], CLASSES,
@@ -766,13 +776,28 @@ def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[
     return reports, temperature, calibration, bilateral
 
 
+def shipped_decision(labels: np.ndarray) -> dict[str, Any]:
+    """How the bundle calls a pair (``pipeline.bilateral``'s ``class_prior`` and ``call``)."""
+    from core.decision import RULE_TEXT
+
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(CLASSES))
+    shares = ", ".join(f"{c} {int(k)}" for c, k in zip(CLASSES, counts, strict=True))
+    return {"class_prior": (counts / counts.sum()).tolist(),
+            "call": f"a film read beside the other breast is called {RULE_TEXT}, the prior being "
+                    f"the class shares of the {int(counts.sum())} training films ({shares}); a "
+                    "film read alone is called its most probable class; the probabilities shown "
+                    "are unchanged"}
+
+
 def reevaluate(out: Path, seed: int = 0) -> dict[str, Any]:
     """``mammolab evaluate`` on a recipe run: recompute the figures from its out-of-fold predictions
     and rewrite ``evaluation.json`` (the segmenter's figures are kept as the run measured them)."""
     path = out / "evaluation.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     reports, temperature, calibration, bilateral = evaluate_oof(out, seed)
-    summary.update(reports=reports, temperature=temperature, calibration=calibration, bilateral=bilateral)
+    labels = json.loads((out / "oof_predictions.json").read_text())["labels"]
+    summary.update(reports=reports, temperature=temperature, calibration=calibration, bilateral=bilateral,
+                   decision=shipped_decision(labels))
     path.write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
@@ -888,7 +913,7 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     reports, temperature, calibration, bilateral = evaluate_oof(out, cfg.seed)
     if cv_only:
         summary = {"reports": reports, "segmenter": seg_report, "temperature": float(temperature),
-                   "calibration": calibration, "bilateral": bilateral,
+                   "calibration": calibration, "bilateral": bilateral, "decision": shipped_decision(y),
                    "seconds": time.perf_counter() - t_start, "n_films": n,
                    "n_patients": int(len(set(films.patients))), "final_models": False}
         (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -911,7 +936,7 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     if verifier is not None:
         verifier.save(out / "verifier.keras")
     summary = {"reports": reports, "segmenter": seg_report, "temperature": float(temperature),
-               "calibration": calibration, "bilateral": bilateral,
+               "calibration": calibration, "bilateral": bilateral, "decision": shipped_decision(y),
                "final_history": final_hist, "final_scanner_history": scan_hist, "seconds": time.perf_counter() - t_start,
                "n_films": n, "n_patients": int(len(set(films.patients)))}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, optimize
 
+from core.decision import RULE_TEXT, decide
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "dice",
     "expected_calibration_error",
     "fit_temperature",
+    "fold_class_priors",
     "format_figure",
     "iou",
     "lesion_candidates",
@@ -181,10 +184,10 @@ def expected_calibration_error(
     return float(np.sum(weights * np.abs(b["accuracy"][used] - b["confidence"][used])))
 
 
-def _figures(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+def _figures(y: np.ndarray, p: np.ndarray, prior: np.ndarray | None = None) -> dict[str, Any]:
     """Every figure of a report on one (re)sample, as plain floats or None."""
     n_classes = p.shape[1]
-    cm = confusion_matrix(y, p.argmax(axis=1), n_classes)
+    cm = confusion_matrix(y, decide(p, prior), n_classes)
     out = _cm_figures(cm)
     out["auc"] = [one_vs_rest_auc(y == k, p[:, k]) for k in range(n_classes)]
     defined = [a for a in out["auc"] if a is not None]
@@ -240,6 +243,7 @@ def classification_report(
     n_boot: int = 1000,
     seed: int = 0,
     groups: Sequence[Any] | np.ndarray | None = None,
+    class_prior: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Classification figures with bootstrap 95 % intervals.
 
@@ -258,6 +262,11 @@ def classification_report(
     groups : array-like, optional
         (N,) patient ids; when given the bootstrap resamples patients (see
         :func:`bootstrap_samples`).
+    class_prior : np.ndarray, optional
+        (C,) or one per image (N, C): the predicted class is then the balanced call
+        :func:`core.decision.decide` (arg-max of the probabilities over the prior) instead of
+        the arg-max. Accuracy, recall, precision and the confusion matrix follow the call; AUC
+        and ECE depend on the probabilities only.
 
     Returns
     -------
@@ -279,8 +288,14 @@ def classification_report(
         raise ValueError(f"groups must give one patient id per image ({len(y)}), got {len(groups)}")
     if n_boot < 0:
         raise ValueError("n_boot must be >= 0")
-    point = _figures(y, p)
-    boots = [_figures(y[i], p[i]) for i in bootstrap_samples(len(y), n_boot, seed, groups)]
+    prior = None
+    if class_prior is not None:
+        prior = np.broadcast_to(np.asarray(class_prior, np.float64), p.shape)
+        if not (np.isfinite(prior).all() and (prior > 0).all()):
+            raise ValueError("class_prior must be finite numbers > 0")
+    point = _figures(y, p, prior)
+    boots = [_figures(y[i], p[i], None if prior is None else prior[i])
+             for i in bootstrap_samples(len(y), n_boot, seed, groups)]
 
     def interval(key: str, k: int | None = None) -> dict[str, Any]:
         if k is None:
@@ -297,7 +312,10 @@ def classification_report(
         f"Point figures on all {len(y)} images. 95 % intervals: percentile bootstrap, {n_boot} "
         f"resamples of {unit} with replacement, seed {seed}; resamples where a figure is "
         "undefined (e.g. a class absent for its one-vs-rest AUC) are skipped for that figure. "
-        "Prediction = arg-max of the probabilities. AUC one-vs-rest per class; macro AUC = their "
+        + ("Prediction = arg-max of the probabilities. " if prior is None else
+           f"Prediction = {RULE_TEXT}, the prior being the class shares of the films the model "
+           "was trained on. ")
+        + "AUC one-vs-rest per class; macro AUC = their "
         f"unweighted mean. ECE: top-label confidence, {ECE_BINS} equal-width bins."
     )
     return {
@@ -313,8 +331,31 @@ def classification_report(
         "ece": interval("ece"),
         "per_class": per_class,
         "confusion_matrix": point["confusion_matrix"].tolist(),
+        "decision": "argmax" if prior is None else "balanced",
         "method": method,
     }
+
+
+def fold_class_priors(labels: Sequence[int] | np.ndarray, folds: Sequence[int] | np.ndarray,
+                      n_classes: int) -> np.ndarray:
+    """(N, C): for each image, the class shares of the images outside its fold.
+
+    The prior a cross-validated image is called with (``classification_report(class_prior=)``)
+    comes from its fold's training images only, as a shipped prior comes from the shipped
+    model's training images.
+    """
+    labels, folds = np.asarray(labels, np.int64), np.asarray(folds)
+    if labels.shape != folds.shape:
+        raise ValueError(f"one fold per label: {labels.shape} labels, {folds.shape} folds")
+    out = np.zeros((len(labels), n_classes))
+    for k in np.unique(folds):
+        train = labels[folds != k]
+        if len(train) == 0:
+            raise ValueError("every fold needs training images outside it")
+        out[folds == k] = np.bincount(train, minlength=n_classes)[:n_classes] / len(train)
+    if (out <= 0).any():
+        raise ValueError("every class needs training images outside every fold")
+    return out
 
 
 # -- temperature scaling ----------------------------------------------------------------------

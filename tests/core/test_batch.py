@@ -169,7 +169,7 @@ def test_classify_reads_pairs_beside_each_other(analyzer, pair_folder):
     b = analyzer.analyze(read_image(pair_folder / "mdb002.png"))
     np.testing.assert_allclose(by_name["mdb001.png"].probabilities, analyzer.compare(a, b), atol=1e-6)
     np.testing.assert_allclose(by_name["mdb002.png"].probabilities, analyzer.compare(b, a), atol=1e-6)
-    assert by_name["mdb001.png"].predicted == analyzer.classes[int(np.argmax(analyzer.compare(a, b)))]
+    assert by_name["mdb001.png"].predicted == analyzer.call_pair(analyzer.compare(a, b))
     np.testing.assert_allclose(by_name["mdb001.png"].single_probabilities, a.probabilities, atol=1e-6)
     # The bilateral reading differs from the single-film one (else this test proves nothing).
     assert np.abs(np.array(by_name["mdb001.png"].probabilities) - a.probabilities).max() > 1e-3
@@ -197,6 +197,36 @@ def test_a_failing_pair_reading_keeps_both_single_readings(analyzer, pair_folder
     rows = list(classify_files(analyzer, files))
     assert len(rows) == 5 and all(r.other_breast is None for r in rows)
     assert all(r.probabilities == r.single_probabilities for r in rows if r.status == "ok")
+
+
+def test_pairs_are_called_by_the_bundles_class_prior_and_films_alone_by_arg_max(
+        analyzer, bundle_dir, pair_folder, tmp_path):
+    import json
+
+    from core.inference import Analyzer
+
+    files, _ = find_images([pair_folder])
+    first = next(r for r in classify_files(analyzer, files) if r.path.name == "mdb001.png")
+    p = np.array(first.probabilities)
+    top = int(np.argmax(p))
+    prior = np.full(3, 0.01)
+    prior[top] = 0.98  # the most probable class made very common: the call moves off it
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    for f in bundle_dir.iterdir():
+        if f.suffix == ".tflite":
+            (folder / f.name).symlink_to(f)
+    card = json.loads((bundle_dir / "model.json").read_text())
+    card["pipeline"]["bilateral"]["class_prior"] = prior.tolist()
+    (folder / "model.json").write_text(json.dumps(card))
+    rows = {r.path.name: r for r in classify_files(Analyzer.from_bundle(folder), files)}
+    want = int(np.argmax(p / prior))
+    assert want != top  # else this test proves nothing
+    np.testing.assert_allclose(rows["mdb001.png"].probabilities, p, atol=1e-6)  # bars unchanged
+    assert rows["mdb001.png"].predicted == analyzer.classes[want]
+    alone = rows["mdb007.png"]  # no partner: the arg-max of its own reading
+    assert alone.other_breast is None
+    assert alone.predicted == analyzer.classes[int(np.argmax(alone.probabilities))]
 
 
 def test_cli_says_how_many_films_were_paired(pair_folder, tmp_path, capsys):

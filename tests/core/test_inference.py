@@ -157,6 +157,37 @@ def test_a_bundle_with_a_broken_bilateral_model_is_refused(bundle_dir, tmp_path)
         single.compare(None, None)
 
 
+def _bundle_with_card(bundle_dir, folder, edit):
+    """A copy of the bundle (models linked) whose model.json is changed by ``edit``."""
+    folder.mkdir()
+    for f in bundle_dir.iterdir():
+        if f.suffix == ".tflite":
+            (folder / f.name).symlink_to(f)
+    card = json.loads((bundle_dir / "model.json").read_text())
+    edit(card)
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_a_pair_is_called_with_the_bundles_class_prior(bundle_dir, tmp_path):
+    def prior(value):
+        return lambda card: card["pipeline"]["bilateral"].update(class_prior=value)
+
+    def no_prior(card):
+        card["pipeline"]["bilateral"].pop("class_prior", None)
+
+    p = np.array([0.5, 0.3, 0.2], np.float32)
+    plain = Analyzer.from_bundle(_bundle_with_card(bundle_dir, tmp_path / "plain", no_prior))
+    assert plain.pair_prior is None and plain.call_pair(p) == "Normal"  # arg-max
+    balanced = Analyzer.from_bundle(_bundle_with_card(bundle_dir, tmp_path / "mias", prior([165, 51, 42])))
+    np.testing.assert_allclose(balanced.pair_prior, np.array([165, 51, 42]) / 258)
+    assert balanced.call_pair(p) == "Benign"  # 0.3 / 0.198 beats 0.5 / 0.640 and 0.2 / 0.163
+    assert balanced.call_pair(np.array([0.9, 0.06, 0.04])) == "Normal"
+    assert balanced.bilateral.keys() == {"coef", "intercept"}  # the reading itself is unchanged
+    with pytest.raises(BundleError, match="pipeline.bilateral class_prior needs one number per class"):
+        Analyzer.from_bundle(_bundle_with_card(bundle_dir, tmp_path / "bad", prior([0.5, 0.5])))
+
+
 def test_inference_does_not_import_tensorflow(bundle_dir, mias_dir):
     code = (
         "import sys\n"

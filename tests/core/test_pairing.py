@@ -135,3 +135,15 @@ def test_bilateral_settings_are_checked():
         check_bilateral({"coef": "x", "intercept": [0, 0, 0]}, CLASSES)
     with pytest.raises(ValueError, match="in this order"):
         check_bilateral(good, ("Cancer", "Benign", "Normal"))
+
+
+def test_the_bilateral_class_prior_is_checked_and_normalised():
+    good = {"coef": np.zeros((3, 4)).tolist(), "intercept": [0, 0, 0]}
+    assert "class_prior" not in check_bilateral(good, CLASSES)  # no prior: the pair's arg-max
+    got = check_bilateral({**good, "class_prior": [165, 51, 42]}, CLASSES)["class_prior"]
+    np.testing.assert_allclose(got, np.array([165, 51, 42]) / 258)
+    for bad, message in (([0.5, 0.5], "one number per class"), ([0.5, 0.5, 0.0], "> 0"),
+                         ([0.5, float("inf"), 0.2], "> 0"), ("often", "list of numbers"),
+                         ([[0.2], [0.3], [0.5]], "one number per class"), ([None, 1, 1], "> 0")):
+        with pytest.raises(ValueError, match=f"pipeline.bilateral class_prior .*{message}"):
+            check_bilateral({**good, "class_prior": bad}, CLASSES)

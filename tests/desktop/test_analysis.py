@@ -68,7 +68,7 @@ def test_a_film_is_read_beside_the_other_breast(make_window, qtbot, analyzer, di
     bars = window.results.bars
     assert window.other_breast is not None and window.other_breast.path == partner
     assert bars.value_texts() == [percent_text(p) for p in want]
-    assert bars.emphasised() == [analyzer.classes[int(np.argmax(want))]]
+    assert bars.emphasised() == [analyzer.call_pair(want)]
     note = window.results.pairing_text()
     assert partner.name in note and "Read alone:" in note
     assert percent_text(float(expected.probabilities[0])) in note
@@ -193,3 +193,21 @@ def test_model_card_renders_the_bundle_card(make_window, analyzer):
     assert first_heading.lstrip("# ").strip() in text
     assert analyzer.version in text and str(analyzer.path) in text
     assert window.model_card_action.isEnabled()
+
+
+def test_a_pair_called_off_its_most_probable_class_says_why(qtbot, analyzer, dicom_case):
+    from desktop.results import ResultsWidget
+    from desktop.workers import OtherBreast
+
+    path, single = dicom_case
+    panel = ResultsWidget()
+    qtbot.addWidget(panel)
+    panel.show_analysis(single)
+    probs = np.array([0.5, 0.3, 0.2], np.float32)
+    panel.show_other_breast(OtherBreast(path, probs, "Benign", single))
+    assert panel.bars.emphasised() == ["Benign"]
+    assert panel.bars.value_texts() == [percent_text(p) for p in probs]  # the bars are unchanged
+    text = panel.predicted_text()
+    assert "Model's call: <b>Benign</b>" in text and "Normal is more probable" in text
+    panel.show_other_breast(OtherBreast(path, probs, "Normal", single))
+    assert panel.predicted_text() == "Model's top class: <b>Normal</b>"

@@ -91,6 +91,13 @@ def test_exported_bundle_runs_in_core(tiny_run, mias_dir):
     # films) and ships in the bundle: core reads mdb001 beside mdb002 with exactly that model.
     assert summary["bilateral"]["paired_films"] == summary["n_films"]
     assert card["pipeline"]["bilateral"]["coef"] == summary["bilateral"]["params"]["coef"]
+    # A pair is called with the training films' class shares, as the figures were computed.
+    labels = json.loads((tiny_run[0] / "oof_predictions.json").read_text())["labels"]
+    shares = np.bincount(labels, minlength=3) / len(labels)
+    np.testing.assert_allclose(card["pipeline"]["bilateral"]["class_prior"], shares)
+    np.testing.assert_allclose(a.pair_prior, shares)
+    assert card["evaluation"]["classifier"]["decision"] == "balanced"
+    assert card["evaluation"]["classifier_single_film"]["decision"] == "argmax"
     assert "classifier_single_film" in card["evaluation"]
     assert a.reads_pairs
     other = a.analyze(read_image(mias_dir / "mdb002.png"))
@@ -324,6 +331,37 @@ def test_temperature_is_shipped_only_when_it_lowers_the_cross_fitted_ece(tmp_pat
     reports, temperature, calibration, _ = bundle_recipe.evaluate_oof(tmp_path)
     assert temperature == 1.0 and calibration["fitted_temperature"] == 0.2
     assert reports["lesion_multibranch_calibrated"] == reports["lesion_multibranch"]
+
+
+def test_a_pair_is_called_balanced_with_its_folds_training_shares_and_a_film_alone_by_arg_max(tmp_path):
+    from models import bundle_recipe
+    from models.bilateral import contralateral
+
+    rng = np.random.default_rng(3)
+    labels = rng.choice(3, size=240, p=[0.64, 0.2, 0.16])
+    labels = labels[np.argsort(np.arange(240) // 2, kind="stable")]
+    probs = rng.dirichlet(np.ones(3), size=240)
+    probs[np.arange(240), labels] += 0.6  # informative, so the logistic stage is not flat
+    probs /= probs.sum(axis=1, keepdims=True)
+    _write_oof(tmp_path, probs, labels)
+    oof = json.loads((tmp_path / "oof_predictions.json").read_text())
+    oof["patients"] = [f"w{i // 2}" for i in range(240)]  # pairs: films 2k and 2k + 1
+    oof["folds"] = [(i // 2) % 3 for i in range(240)]
+    (tmp_path / "oof_predictions.json").write_text(json.dumps(oof))
+    assert (contralateral(np.array(oof["patients"])) >= 0).all()
+    reports, _, _, bilateral = bundle_recipe.evaluate_oof(tmp_path)
+    assert bilateral is not None
+    pair, plain = reports["lesion_multibranch_bilateral"], reports["lesion_multibranch_bilateral_argmax"]
+    assert pair["decision"] == "balanced" and plain["decision"] == "argmax"
+    assert pair["macro_auc"] == plain["macro_auc"] and pair["ece"] == plain["ece"]  # same probabilities
+    assert pair["confusion_matrix"] != plain["confusion_matrix"]  # fewer films called Normal
+    assert np.array(pair["confusion_matrix"])[:, 0].sum() < np.array(plain["confusion_matrix"])[:, 0].sum()
+    assert reports["lesion_multibranch_calibrated"]["decision"] == "argmax"
+    assert reports["patch_scan"]["decision"] == "argmax"
+    assert "arg-max call" in (tmp_path / "comparison.md").read_text()
+    decision = bundle_recipe.shipped_decision(np.asarray(labels))
+    np.testing.assert_allclose(decision["class_prior"], np.bincount(labels) / 240)
+    assert "film read alone is called its most probable class" in decision["call"]
 
 
 def test_bundle_description_follows_the_scanners_of_the_run():

@@ -305,3 +305,40 @@ def test_plots_write_png_files(tmp_path):
     for path in written:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+
+
+def test_a_class_prior_changes_the_call_but_not_the_ranking_figures():
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    p = np.array([[0.8, 0.1, 0.1], [0.55, 0.35, 0.1], [0.5, 0.2, 0.3], [0.7, 0.2, 0.1],
+                  [0.55, 0.4, 0.05], [0.3, 0.6, 0.1], [0.55, 0.1, 0.35], [0.2, 0.2, 0.6]])
+    plain = ev.classification_report(y, p, ["N", "B", "C"], n_boot=20)
+    prior = np.array([0.5, 0.25, 0.25])
+    called = ev.classification_report(y, p, ["N", "B", "C"], n_boot=20, class_prior=prior)
+    # p / prior: rows 1, 2, 4 and 6 move off Normal (0.35 / 0.25 > 0.55 / 0.5, ...).
+    want = np.argmax(p / prior, axis=1)
+    assert want.tolist() == [0, 1, 2, 0, 1, 1, 2, 2]
+    cm = np.zeros((3, 3), int)
+    np.add.at(cm, (y, want), 1)
+    assert called["confusion_matrix"] == cm.tolist() and called["decision"] == "balanced"
+    assert plain["decision"] == "argmax"
+    assert called["balanced_accuracy"]["value"] == pytest.approx((2 / 4 + 1 + 1) / 3)
+    assert plain["balanced_accuracy"]["value"] == pytest.approx((4 / 4 + 1 / 2 + 1 / 2) / 3)
+    assert called["macro_auc"] == plain["macro_auc"] and called["ece"] == plain["ece"]
+    assert "relative to its share" in called["method"]
+    # One prior per image: each row called with its own.
+    rows = np.tile(prior, (8, 1))
+    rows[0] = [0.98, 0.01, 0.01]
+    per_row = ev.classification_report(y, p, ["N", "B", "C"], n_boot=0, class_prior=rows)
+    assert np.array(per_row["confusion_matrix"])[0].tolist() == [1, 2, 1]
+    with pytest.raises(ValueError, match="finite numbers > 0"):
+        ev.classification_report(y, p, ["N", "B", "C"], n_boot=0, class_prior=[0.5, 0.5, 0.0])
+
+
+def test_fold_priors_are_the_class_shares_outside_each_fold():
+    y = np.array([0, 0, 1, 2, 0, 1, 1, 2])
+    folds = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    got = ev.fold_class_priors(y, folds, 3)
+    np.testing.assert_allclose(got[:4], np.tile([1 / 4, 2 / 4, 1 / 4], (4, 1)))  # fold 1's films
+    np.testing.assert_allclose(got[4:], np.tile([2 / 4, 1 / 4, 1 / 4], (4, 1)))  # fold 0's films
+    with pytest.raises(ValueError, match="every class"):
+        ev.fold_class_priors(np.array([0, 0, 1, 2]), np.array([0, 0, 1, 1]), 3)

@@ -112,6 +112,21 @@ def test_exported_bundle_runs_in_core(tiny_run, mias_dir):
         (bundle / "verifier.off").rename(bundle / "verifier.tflite")
 
 
+def test_a_run_evaluated_before_the_balanced_call_exports_an_arg_max_bundle(tiny_run):
+    from models.bundle_export import bundle_metadata
+
+    out, _, _ = tiny_run
+    config = json.loads((out / "config.json").read_text())
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    called = bundle_metadata(config, evaluation)
+    assert "class_prior" in called["pipeline"]["bilateral"]
+    assert any("stands highest against its share" in x for x in called["limitations"])
+    evaluation.pop("decision")
+    old = bundle_metadata(config, evaluation)
+    assert "class_prior" not in old["pipeline"]["bilateral"] and "call" not in old["pipeline"]["bilateral"]
+    assert not any("stands highest against its share" in x for x in old["limitations"])
+
+
 def test_segmenter_reads_the_scanner_window_centred_on_each_cell():
     """The exported segmenter is the patch scanner run convolutionally: each cell's logits are
     the scanner head on Lite0 cell features averaged over a patch-sized window, the four

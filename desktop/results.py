@@ -153,6 +153,7 @@ class ResultsWidget(QWidget):
         self.bars = ConfidenceBarsWidget()
         self._predicted = QLabel("")
         self._predicted.setTextFormat(Qt.TextFormat.RichText)
+        self._predicted.setWordWrap(True)
         self._lesion_area = QLabel("Lesion area: —")
         self._pairing = QLabel("")
         self._pairing.setWordWrap(True)

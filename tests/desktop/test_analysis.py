@@ -209,5 +209,7 @@ def test_a_pair_called_off_its_most_probable_class_says_why(qtbot, analyzer, dic
     assert panel.bars.value_texts() == [percent_text(p) for p in probs]  # the bars are unchanged
     text = panel.predicted_text()
     assert "Model's call: <b>Benign</b>" in text and "Normal is more probable" in text
+    # The explanation wraps: it must not widen the dock (which clipped every line beside it).
+    assert panel.minimumSizeHint().width() < 360
     panel.show_other_breast(OtherBreast(path, probs, "Normal", single))
     assert panel.predicted_text() == "Model's top class: <b>Normal</b>"

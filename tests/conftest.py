@@ -74,3 +74,18 @@ def analyzer(bundle_dir):
     from core.inference import Analyzer
 
     return Analyzer.from_bundle(bundle_dir)
+
+
+def edited_bundle(bundle_dir: Path, folder: Path, edit) -> Path:
+    """A copy of a bundle in ``folder`` (models linked, not copied) whose model.json is the
+    original changed in place by ``edit(card)``."""
+    import json
+
+    folder.mkdir()
+    for f in bundle_dir.iterdir():
+        if f.suffix == ".tflite":
+            (folder / f.name).symlink_to(f)
+    card = json.loads((bundle_dir / "model.json").read_text())
+    edit(card)
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder

@@ -201,9 +201,8 @@ def test_a_failing_pair_reading_keeps_both_single_readings(analyzer, pair_folder
 
 def test_pairs_are_called_by_the_bundles_class_prior_and_films_alone_by_arg_max(
         analyzer, bundle_dir, pair_folder, tmp_path):
-    import json
-
     from core.inference import Analyzer
+    from tests.conftest import edited_bundle
 
     files, _ = find_images([pair_folder])
     first = next(r for r in classify_files(analyzer, files) if r.path.name == "mdb001.png")
@@ -211,14 +210,8 @@ def test_pairs_are_called_by_the_bundles_class_prior_and_films_alone_by_arg_max(
     top = int(np.argmax(p))
     prior = np.full(3, 0.01)
     prior[top] = 0.98  # the most probable class made very common: the call moves off it
-    folder = tmp_path / "bundle"
-    folder.mkdir()
-    for f in bundle_dir.iterdir():
-        if f.suffix == ".tflite":
-            (folder / f.name).symlink_to(f)
-    card = json.loads((bundle_dir / "model.json").read_text())
-    card["pipeline"]["bilateral"]["class_prior"] = prior.tolist()
-    (folder / "model.json").write_text(json.dumps(card))
+    folder = edited_bundle(bundle_dir, tmp_path / "bundle",
+                           lambda card: card["pipeline"]["bilateral"].update(class_prior=prior.tolist()))
     rows = {r.path.name: r for r in classify_files(Analyzer.from_bundle(folder), files)}
     want = int(np.argmax(p / prior))
     assert want != top  # else this test proves nothing

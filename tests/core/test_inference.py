@@ -13,6 +13,7 @@ import pytest
 from core.bundle import BundleError, load_bundle
 from core.inference import Analyzer, candidate_patches, top_cells, verify_cells
 from core.io import read_image
+from tests.conftest import edited_bundle
 
 
 def test_analysis_on_a_real_dicom(analyzer, cbis_dicoms):
@@ -157,18 +158,6 @@ def test_a_bundle_with_a_broken_bilateral_model_is_refused(bundle_dir, tmp_path)
         single.compare(None, None)
 
 
-def _bundle_with_card(bundle_dir, folder, edit):
-    """A copy of the bundle (models linked) whose model.json is changed by ``edit``."""
-    folder.mkdir()
-    for f in bundle_dir.iterdir():
-        if f.suffix == ".tflite":
-            (folder / f.name).symlink_to(f)
-    card = json.loads((bundle_dir / "model.json").read_text())
-    edit(card)
-    (folder / "model.json").write_text(json.dumps(card))
-    return folder
-
-
 def test_a_pair_is_called_with_the_bundles_class_prior(bundle_dir, tmp_path):
     def prior(value):
         return lambda card: card["pipeline"]["bilateral"].update(class_prior=value)
@@ -177,15 +166,15 @@ def test_a_pair_is_called_with_the_bundles_class_prior(bundle_dir, tmp_path):
         card["pipeline"]["bilateral"].pop("class_prior", None)
 
     p = np.array([0.5, 0.3, 0.2], np.float32)
-    plain = Analyzer.from_bundle(_bundle_with_card(bundle_dir, tmp_path / "plain", no_prior))
+    plain = Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "plain", no_prior))
     assert plain.pair_prior is None and plain.call_pair(p) == "Normal"  # arg-max
-    balanced = Analyzer.from_bundle(_bundle_with_card(bundle_dir, tmp_path / "mias", prior([165, 51, 42])))
+    balanced = Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "mias", prior([165, 51, 42])))
     np.testing.assert_allclose(balanced.pair_prior, np.array([165, 51, 42]) / 258)
     assert balanced.call_pair(p) == "Benign"  # 0.3 / 0.198 beats 0.5 / 0.640 and 0.2 / 0.163
     assert balanced.call_pair(np.array([0.9, 0.06, 0.04])) == "Normal"
     assert balanced.bilateral.keys() == {"coef", "intercept"}  # the reading itself is unchanged
     with pytest.raises(BundleError, match="pipeline.bilateral class_prior needs one number per class"):
-        Analyzer.from_bundle(_bundle_with_card(bundle_dir, tmp_path / "bad", prior([0.5, 0.5])))
+        Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "bad", prior([0.5, 0.5])))
 
 
 def test_inference_does_not_import_tensorflow(bundle_dir, mias_dir):

@@ -68,6 +68,9 @@ def _description(config: dict[str, Any]) -> str:
         scan += (f" Verifier: the segmenter's {verify} most lesion-like cells are re-read by the same "
                  f"scanners from their own {patch} px patch, as in training, and each gets the mean "
                  "of both readings.")
+    if config.get("tta_flip"):
+        scan += (" Segmenter and verifier also read the film mirrored left-right and average the "
+                 "mirrored reading with the direct one.")
     return scan + (" Multi-branch classifier: a narrow CNN on the whole breast at low resolution "
                    "beside Lite0 on the top candidate patches at native resolution and the "
                    "candidates' cell probabilities -> Dense(128) -> Dropout(0.5) -> a correction "

@@ -211,6 +211,33 @@ def test_verifier_is_the_mean_of_the_scanners_on_each_patch():
     assert not np.allclose(each[0], each[1], atol=1e-3)
 
 
+def test_flip_reading_averages_the_film_and_its_mirror_cell_by_cell():
+    """With ``tta_flip`` the segmenter's map is the mean of the plain map and the mirrored film's
+    map mirrored back, and the verifier's reading the mean over each patch and its mirror."""
+    import dataclasses
+
+    from models.bundle_recipe import build_segmenter, build_verifier
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3)
+    flip_cfg = dataclasses.replace(cfg, tta_flip=True)
+    rng = np.random.default_rng(2)
+    scanners = _random_head_scanners(cfg, rng, 2)
+    x = rng.random((1, 256, 192, 1), dtype=np.float32)
+    plain = build_segmenter(cfg, scanners)
+    direct = plain.predict_on_batch(x)[0]
+    mirrored = plain.predict_on_batch(x[:, :, ::-1].copy())[0, :, ::-1]
+    got = build_segmenter(flip_cfg, scanners).predict_on_batch(x)[0]
+    np.testing.assert_allclose(got, 0.5 * (direct + mirrored), atol=1e-5)
+    assert not np.allclose(direct, mirrored, atol=1e-3)  # the mirror reads differently
+
+    patches = rng.random((1, 3, 64, 64, 1), dtype=np.float32)
+    verifier = build_verifier(cfg, scanners)
+    both = 0.5 * (verifier.predict_on_batch(patches)[0]
+                  + verifier.predict_on_batch(patches[:, :, :, ::-1].copy())[0])
+    np.testing.assert_allclose(build_verifier(flip_cfg, scanners).predict_on_batch(patches)[0], both,
+                               atol=1e-5)
+
+
 def test_recipe_config_rejects_scales_that_do_not_tile_the_canvas():
     with pytest.raises(ValueError, match="multiple"):
         RecipeConfig(canvas=(256, 200), cell_px=32, scan_scales=(1,))

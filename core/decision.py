@@ -10,9 +10,11 @@ call that maximises balanced accuracy (every class's recall counts the same) rat
 accuracy. The probabilities shown are unchanged.
 
 Measured on the MIAS out-of-fold predictions: for films read beside the other breast this call
-raised balanced accuracy 0.490 -> 0.585 (accuracy 0.690 -> 0.647); for a film read alone, whose
-classifier probabilities are not calibrated class by class, it lowered it (0.509 -> 0.437), so a
-film read alone is called by its arg-max.
+raised balanced accuracy 0.490 -> 0.585 (accuracy 0.690 -> 0.647). On the classifier's own
+probabilities, which are not calibrated class by class, it lowered it (0.509 -> 0.437), so a film
+read alone is called this way only when the bundle reads it through its single-film stage
+(``pipeline.single_film``, the same form of logistic model as the pair's, with its own
+``class_prior``), and by its arg-max otherwise.
 """
 
 from __future__ import annotations

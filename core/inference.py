@@ -28,7 +28,7 @@ import numpy as np
 from core.bundle import Bundle, BundleError, load_bundle
 from core.decision import decide
 from core.io import Mammogram
-from core.pairing import bilateral_probs, check_bilateral
+from core.pairing import bilateral_probs, check_bilateral, check_single_film, single_film_probs
 from core.paths import default_bundle_dir
 from core.preprocess import (
     PreprocessConfig,
@@ -48,7 +48,9 @@ __all__ = ["Analysis", "Analyzer", "BundleError", "Candidates", "candidate_patch
 class Analysis:
     """What the models say about one mammogram; every map is at the image's full resolution."""
 
-    probabilities: np.ndarray  # (n_classes,) float32, after temperature, sums to 1
+    # (n_classes,) float32, sums to 1: the single-film stage's reading when the bundle has one
+    # (pipeline.single_film), else the classifier's after temperature
+    probabilities: np.ndarray
     classes: tuple[str, ...]
     lesion_probability: np.ndarray  # (H, W) float32 in [0, 1]
     lesion_mask: np.ndarray  # (H, W) bool
@@ -59,11 +61,18 @@ class Analysis:
     candidates_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # full-res (x, y)
     timings: dict[str, float] = field(default_factory=dict)  # seconds
     raw_probabilities: np.ndarray | None = None  # (n_classes,) the classifier's, before temperature
+    # The prior of the balanced call (core.decision) when the bundle gives one; None: arg-max.
+    call_prior: np.ndarray | None = None
     # The model inputs and cell map of this analysis, so heatmap() does not run them again.
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def predicted(self) -> str:
+        """The class the model calls (:mod:`core.decision`)."""
+        return self.classes[decide(self.probabilities, self.call_prior)]
+
+    @property
+    def most_probable(self) -> str:
         return self.classes[int(np.argmax(self.probabilities))]
 
     def probability(self, name: str) -> float:
@@ -318,6 +327,13 @@ class Analyzer:
             raise BundleError(f"{bundle.path}: model.json {exc}") from None
         # The prior of a pair's balanced call (core.decision); None: a pair is called its arg-max.
         self.pair_prior = self.bilateral.pop("class_prior", None) if self.bilateral else None
+        try:
+            self.single_film = (check_single_film(p["single_film"], bundle.classes)
+                                if p.get("single_film") is not None else None)
+        except ValueError as exc:
+            raise BundleError(f"{bundle.path}: model.json {exc}") from None
+        # Likewise for a film read alone, when the bundle has the single-film stage.
+        self.single_prior = self.single_film.pop("class_prior", None) if self.single_film else None
         self._seg = _Model(bundle.file("segmenter.tflite"), threads)
         self._cls = _Model(bundle.file("classifier.tflite"), threads)
         self._ver = _Model(bundle.file("verifier.tflite"), threads) if self.verify_top > 0 else None
@@ -424,6 +440,13 @@ class Analyzer:
         out = self._cls(feeds)
         return out[0][0]
 
+    def read_alone(self, raw: np.ndarray) -> np.ndarray:
+        """The probabilities of a film read alone, from the classifier's raw ones: the bundle's
+        single-film stage (which replaces the temperature), else :meth:`calibrate`."""
+        if self.single_film is not None:
+            return single_film_probs(np.asarray(raw), **self.single_film).astype(np.float32)
+        return self.calibrate(np.asarray(raw))
+
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         """Temperature scaling on probabilities: softmax(log p / T)."""
         logits = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0)) / self.temperature
@@ -455,7 +478,7 @@ class Analyzer:
         canvas_t: Transform = x["canvas_t"]
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
         raw = self.classify(x["global"], patches, cand.scores, scan_prior(cells, in_breast))
-        probs = self.calibrate(raw)
+        probs = self.read_alone(raw)
         t3 = time.perf_counter()
         lesion_map = self._lesion_map(cells, x["canvas_breast"], canvas_t)
         mask = x["mask"]
@@ -467,6 +490,7 @@ class Analyzer:
             lesion_mask=lesion_mask, breast_mask=mask, lesion_area_frac=area,
             model_name=self.name, model_version=self.version, candidates_xy=full_xy,
             cache={"inputs": x, "cells": cells}, raw_probabilities=np.asarray(raw, np.float32),
+            call_prior=self.single_prior,
             timings={"preprocess": t1 - t0, "segmenter": t2 - t1, "classifier": t3 - t2,
                      "maps": t4 - t3, "total": t4 - t0},
         )
@@ -501,7 +525,8 @@ class Analyzer:
         patches, full_xy = patches_at(mammogram, x, cand, self.patch_px)
         scores = cand.scores
         base = self.classify(x["global"], patches, scores, scan_prior(cells, in_breast))
-        target = int(np.argmax(base)) if analysis is None else int(np.argmax(analysis.probabilities))
+        target = (decide(self.read_alone(base), self.single_prior) if analysis is None
+                  else self.classes.index(analysis.predicted))
         g = x["global"]
         cand_g = x["global_t"].forward(full_xy)  # candidate centres on the whole-breast input
         normal = np.zeros_like(scores[0])

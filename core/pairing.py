@@ -4,7 +4,8 @@ A radiologist reads a mammogram beside the other breast's: a density or a distor
 one side only is suspicious, the same pattern on both sides usually is not. The bundled model
 does the same when it can (model.json ``pipeline.bilateral``): the classifier's reading of a film
 and of the matching view of the other breast go into a small multinomial logistic model fitted on
-out-of-fold readings (``models.bilateral``).
+out-of-fold readings (``models.bilateral``). A film read alone goes through the same form of model
+on its own reading only (``pipeline.single_film``), when the bundle has one.
 
 Pairing needs to know patient, side and view:
 
@@ -198,20 +199,48 @@ def find_other_breast(path: str | Path, meta: dict[str, Any] | None = None) -> P
 # -- the bilateral reading ---------------------------------------------------------------------
 
 
+def single_features(probs: np.ndarray) -> np.ndarray:
+    """(N, 2): log-odds of Benign and Cancer against Normal of raw classifier probabilities
+    (N, 3) or (3,), classes in the bundle's order (Normal, Benign, Cancer), clipped at 1e-6."""
+    lp = np.log(np.clip(np.atleast_2d(np.asarray(probs, np.float64)), 1e-6, 1.0))
+    return lp[:, 1:] - lp[:, :1]
+
+
 def bilateral_features(probs: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """(N, 4): log-odds of Benign and Cancer against Normal, for the film then the other breast.
-
-    ``probs`` and ``other`` are raw classifier probabilities (N, 3) or (3,), classes in the
-    bundle's order (Normal, Benign, Cancer).
-    """
-    def log_odds(p: np.ndarray) -> np.ndarray:
-        lp = np.log(np.clip(np.atleast_2d(np.asarray(p, np.float64)), 1e-6, 1.0))
-        return lp[:, 1:] - lp[:, :1]
-
-    return np.concatenate([log_odds(probs), log_odds(other)], axis=1)
+    """(N, 4): :func:`single_features` of the film, then of the other breast's film."""
+    return np.concatenate([single_features(probs), single_features(other)], axis=1)
 
 
 BILATERAL_CLASSES = ("Normal", "Benign", "Cancer")  # the order the features assume
+
+
+def _check_stage(params: Any, classes: Sequence[str], where: str, n_features: int) -> dict[str, np.ndarray]:
+    """A logistic stage's model.json entry as arrays: ``coef`` (3, n_features), ``intercept``
+    and, when given, ``class_prior``; ValueError names ``where`` and what is wrong."""
+    if tuple(classes) != BILATERAL_CLASSES:
+        raise ValueError(f"{where} needs the classes {list(BILATERAL_CLASSES)} in this "
+                         f"order (the bundle has {list(classes)})")
+    if not isinstance(params, dict):
+        raise ValueError(f"{where} must be an object")
+    try:
+        coef = np.asarray(params["coef"], np.float64)
+        intercept = np.asarray(params["intercept"], np.float64)
+    except KeyError as exc:
+        raise ValueError(f"{where} lacks {exc}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} coef and intercept must be numbers") from None
+    if coef.shape != (3, n_features) or intercept.shape != (3,):
+        raise ValueError(f"{where} needs a (3, {n_features}) coef and 3 intercepts "
+                         f"(got {coef.shape} and {intercept.shape})")
+    if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
+        raise ValueError(f"{where} holds non-finite numbers")
+    out = {"coef": coef, "intercept": intercept}
+    if params.get("class_prior") is not None:
+        try:
+            out["class_prior"] = check_class_prior(params["class_prior"], len(BILATERAL_CLASSES))
+        except ValueError as exc:
+            raise ValueError(f"{where} {exc}") from None
+    return out
 
 
 def check_bilateral(params: Any, classes: Sequence[str]) -> dict[str, np.ndarray]:
@@ -220,37 +249,30 @@ def check_bilateral(params: Any, classes: Sequence[str]) -> dict[str, np.ndarray
     Returns ``coef`` and ``intercept``, and ``class_prior`` when the entry has one (the prior of
     the pair's balanced call, :mod:`core.decision`).
     """
-    if tuple(classes) != BILATERAL_CLASSES:
-        raise ValueError(f"pipeline.bilateral needs the classes {list(BILATERAL_CLASSES)} in this "
-                         f"order (the bundle has {list(classes)})")
-    if not isinstance(params, dict):
-        raise ValueError("pipeline.bilateral must be an object")
-    try:
-        coef = np.asarray(params["coef"], np.float64)
-        intercept = np.asarray(params["intercept"], np.float64)
-    except KeyError as exc:
-        raise ValueError(f"pipeline.bilateral lacks {exc}") from None
-    except (TypeError, ValueError):
-        raise ValueError("pipeline.bilateral coef and intercept must be numbers") from None
-    if coef.shape != (3, 4) or intercept.shape != (3,):
-        raise ValueError(f"pipeline.bilateral needs a (3, 4) coef and 3 intercepts "
-                         f"(got {coef.shape} and {intercept.shape})")
-    if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
-        raise ValueError("pipeline.bilateral holds non-finite numbers")
-    out = {"coef": coef, "intercept": intercept}
-    if params.get("class_prior") is not None:
-        try:
-            out["class_prior"] = check_class_prior(params["class_prior"], len(BILATERAL_CLASSES))
-        except ValueError as exc:
-            raise ValueError(f"pipeline.bilateral {exc}") from None
-    return out
+    return _check_stage(params, classes, "pipeline.bilateral", 4)
+
+
+def check_single_film(params: Any, classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """model.json's ``pipeline.single_film`` (the film read alone) as :func:`check_bilateral`."""
+    return _check_stage(params, classes, "pipeline.single_film", 2)
+
+
+def _softmax_linear(x: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    z = x @ np.asarray(coef).T + np.asarray(intercept)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def bilateral_probs(probs: np.ndarray, other: np.ndarray, coef: np.ndarray,
                     intercept: np.ndarray) -> np.ndarray:
     """Class probabilities of a film read beside the other breast, (N, 3) (or (3,) for one pair)."""
-    z = bilateral_features(probs, other) @ np.asarray(coef).T + np.asarray(intercept)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out = e / e.sum(axis=1, keepdims=True)
+    out = _softmax_linear(bilateral_features(probs, other), coef, intercept)
+    return out[0] if np.ndim(probs) == 1 else out
+
+
+def single_film_probs(probs: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """Class probabilities of a film read alone by the single-film stage (the bilateral model's
+    form without the other breast), (N, 3) or (3,), from raw classifier probabilities."""
+    out = _softmax_linear(single_features(probs), coef, intercept)
     return out[0] if np.ndim(probs) == 1 else out

@@ -40,6 +40,16 @@ def percent_text(probability: float) -> str:
     return f"{100.0 * float(probability):.1f} %"
 
 
+def _call_text(called: str, top: str) -> str:
+    """The panel's line for the model's call; when the bundle's balanced call (core.decision)
+    picked a class other than the largest bar, it says why."""
+    if called == top:
+        return f"Model's top class: <b>{called}</b>"
+    return (f"Model's call: <b>{called}</b><br><span style='color: #555555;'>{top} is more "
+            f"probable, but {called} stands higher against how common it was among the training "
+            "films.</span>")
+
+
 class ConfidenceBarsWidget(QWidget):
     """A bar and a percentage per class; the predicted class in bold with a stronger colour."""
 
@@ -282,7 +292,7 @@ class ResultsWidget(QWidget):
         """Bars, predicted class and lesion area of a ``core.inference.Analysis``."""
         self.bars.set_classes(analysis.classes)
         self.bars.set_probabilities(analysis.probabilities, analysis.predicted)
-        self._predicted.setText(f"Model's top class: <b>{analysis.predicted}</b>")
+        self._predicted.setText(_call_text(analysis.predicted, analysis.most_probable))
         self._lesion_area.setText(
             f"Lesion area: {100.0 * analysis.lesion_area_frac:.2f} % of the breast"
         )
@@ -296,13 +306,7 @@ class ResultsWidget(QWidget):
         single = other.single
         self.bars.set_probabilities(other.probabilities, other.predicted)
         top = single.classes[int(np.argmax(other.probabilities))]
-        if top == other.predicted:
-            self._predicted.setText(f"Model's top class: <b>{other.predicted}</b>")
-        else:  # the bundle's balanced call (core.decision) picked a less common class
-            self._predicted.setText(
-                f"Model's call: <b>{other.predicted}</b><br><span style='color: #555555;'>"
-                f"{top} is more probable, but {other.predicted} stands higher against how common "
-                "it was among the training films.</span>")
+        self._predicted.setText(_call_text(other.predicted, top))
         alone = ", ".join(f"{c} {percent_text(float(p))}"
                           for c, p in zip(single.classes, single.probabilities, strict=True))
         self._pairing.setText(

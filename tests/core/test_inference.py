@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from core.bundle import BundleError, load_bundle
+from core.decision import decide
 from core.inference import Analyzer, candidate_patches, top_cells, verify_cells
 from core.io import read_image
 from tests.conftest import edited_bundle
@@ -22,7 +23,8 @@ def test_analysis_on_a_real_dicom(analyzer, cbis_dicoms):
     assert a.classes == ("Normal", "Benign", "Cancer")
     assert a.probabilities.shape == (3,) and a.probabilities.dtype == np.float32
     assert abs(float(a.probabilities.sum()) - 1.0) < 1e-5
-    assert a.predicted == a.classes[int(np.argmax(a.probabilities))]
+    assert a.predicted == a.classes[decide(a.probabilities, analyzer.single_prior)]
+    assert a.most_probable == a.classes[int(np.argmax(a.probabilities))]
     for arr in (a.lesion_probability, a.lesion_mask, a.breast_mask):
         assert arr.shape == m.pixels.shape
     assert 0.0 <= a.lesion_probability.min() and a.lesion_probability.max() <= 1.0
@@ -175,6 +177,41 @@ def test_a_pair_is_called_with_the_bundles_class_prior(bundle_dir, tmp_path):
     assert balanced.bilateral.keys() == {"coef", "intercept"}  # the reading itself is unchanged
     with pytest.raises(BundleError, match="pipeline.bilateral class_prior needs one number per class"):
         Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "bad", prior([0.5, 0.5])))
+
+
+def test_a_film_alone_is_read_by_the_bundles_single_film_stage(bundle_dir, tmp_path, mias_dir):
+    """``pipeline.single_film`` replaces the temperature for a film read alone, and its class
+    prior makes the film's call balanced; without it the classifier's probabilities are shown."""
+    from core.pairing import single_film_probs
+
+    coef = [[0.0, 0.0], [1.0, -0.5], [0.2, 1.5]]
+    intercept = [0.0, 0.4, -0.3]
+
+    def no_stage(card):
+        card["pipeline"].pop("single_film", None)
+
+    def stage(prior):
+        def edit(card):
+            card["pipeline"]["single_film"] = {"coef": coef, "intercept": intercept, "class_prior": prior}
+        return edit
+
+    m = read_image(mias_dir / "mdb028.png")
+    plain = Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "plain", no_stage))
+    a = plain.analyze(m)
+    assert plain.single_film is None and a.call_prior is None
+    np.testing.assert_allclose(a.probabilities, plain.calibrate(a.raw_probabilities), rtol=1e-6)
+    assert a.predicted == a.most_probable
+    want = single_film_probs(a.raw_probabilities.astype(np.float64), np.array(coef), np.array(intercept))
+    # A prior proportional to the square of the stage's probabilities calls the least probable class.
+    staged = Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "staged", stage((want ** 2).tolist())))
+    b = staged.analyze(m)
+    np.testing.assert_allclose(b.raw_probabilities, a.raw_probabilities, rtol=1e-6)
+    np.testing.assert_allclose(b.probabilities, want, rtol=1e-5)
+    assert not np.allclose(b.probabilities, a.probabilities, atol=1e-3)
+    assert b.predicted == b.classes[int(np.argmin(want))] != b.most_probable
+    with pytest.raises(BundleError, match=r"pipeline.single_film needs a \(3, 2\) coef"):
+        Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "bad", lambda c: c["pipeline"].update(
+            single_film={"coef": [[1.0]], "intercept": intercept})))
 
 
 def test_inference_does_not_import_tensorflow(bundle_dir, mias_dir):

@@ -147,3 +147,25 @@ def test_the_bilateral_class_prior_is_checked_and_normalised():
                          ([[0.2], [0.3], [0.5]], "one number per class"), ([None, 1, 1], "> 0")):
         with pytest.raises(ValueError, match=f"pipeline.bilateral class_prior .*{message}"):
             check_bilateral({**good, "class_prior": bad}, CLASSES)
+
+
+def test_single_film_stage_is_the_bilateral_form_on_the_films_own_log_odds():
+    from core.pairing import check_single_film, single_features, single_film_probs
+
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(3), size=6)
+    coef, intercept = rng.normal(size=(3, 2)), rng.normal(size=3)
+    x = single_features(probs)
+    np.testing.assert_allclose(x, bilateral_features(probs, probs)[:, :2])
+    z = x @ coef.T + intercept
+    want = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(single_film_probs(probs, coef, intercept), want, rtol=1e-12)
+    np.testing.assert_allclose(single_film_probs(probs[2], coef, intercept), want[2], rtol=1e-12)
+    good = {"coef": coef.tolist(), "intercept": intercept.tolist(), "class_prior": [2, 1, 1]}
+    np.testing.assert_allclose(check_single_film(good, CLASSES)["class_prior"], [0.5, 0.25, 0.25])
+    with pytest.raises(ValueError, match=r"pipeline.single_film needs a \(3, 2\) coef"):
+        check_single_film({**good, "coef": np.zeros((3, 4)).tolist()}, CLASSES)
+    with pytest.raises(ValueError, match="pipeline.single_film class_prior"):
+        check_single_film({**good, "class_prior": [1, 1]}, CLASSES)
+    with pytest.raises(ValueError, match="pipeline.single_film must be an object"):
+        check_single_film([1, 2], CLASSES)

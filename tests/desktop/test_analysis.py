@@ -213,3 +213,23 @@ def test_a_pair_called_off_its_most_probable_class_says_why(qtbot, analyzer, dic
     assert panel.minimumSizeHint().width() < 360
     panel.show_other_breast(OtherBreast(path, probs, "Normal", single))
     assert panel.predicted_text() == "Model's top class: <b>Normal</b>"
+
+
+def test_a_film_alone_called_off_its_most_probable_class_says_why(qtbot, dicom_case):
+    import dataclasses
+
+    from desktop.results import ResultsWidget
+
+    _, single = dicom_case
+    panel = ResultsWidget()
+    qtbot.addWidget(panel)
+    probs = np.array([0.5, 0.3, 0.2], np.float32)
+    plain = dataclasses.replace(single, probabilities=probs, call_prior=None)
+    panel.show_analysis(plain)
+    assert panel.predicted_text() == "Model's top class: <b>Normal</b>"
+    called = dataclasses.replace(plain, call_prior=np.array([165, 51, 42]) / 258)
+    assert called.predicted == "Benign" and called.most_probable == "Normal"
+    panel.show_analysis(called)
+    assert panel.bars.emphasised() == ["Benign"]
+    text = panel.predicted_text()
+    assert "Model's call: <b>Benign</b>" in text and "Normal is more probable" in text

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from core.pairing import bilateral_features, bilateral_probs
+from core.pairing import bilateral_features, bilateral_probs, single_features, single_film_probs
 from models import evaluation as ev
 
 CANCER = 2  # column of P(cancer) in the recipe's predictions
@@ -161,6 +161,64 @@ def evaluate_bilateral(oof: dict[str, Any], single: np.ndarray, seed: int = 0,
                   "classifier's out-of-fold probabilities; each fold read by the model fitted on "
                   "the other folds (cross-fitted); the shipped model is fitted on all paired films; "
                   "films without a partner keep their single-film probabilities",
+    }
+
+
+def fit_single_film(probs: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> dict[str, list] | None:
+    """The single-film stage fitted on the films among ``rows`` (default: all): the bilateral
+    model's form on the film's own log-odds only (:func:`core.pairing.single_features`).
+
+    Returns ``{"coef": (3, 2), "intercept": (3,)}`` as lists (model.json's
+    ``pipeline.single_film``), or None when those films do not hold all three classes.
+    """
+    probs, y = np.asarray(probs, np.float64), np.asarray(y)
+    if rows is not None:
+        probs, y = probs[rows], y[rows]
+    if len(np.unique(y)) < 3:
+        return None
+    m = _logistic(single_features(probs), y)
+    return {"coef": m.coef_.tolist(), "intercept": m.intercept_.tolist()}
+
+
+def evaluate_single_film(probs: np.ndarray, baseline: np.ndarray, y: np.ndarray, patients: np.ndarray,
+                         folds: np.ndarray, seed: int = 0,
+                         class_prior: np.ndarray | None = None) -> dict[str, Any]:
+    """Cross-fitted figures of the single-film stage, and whether it ships.
+
+    Each fold's films are read by the stage fitted on the other folds' out-of-fold probabilities
+    ``probs`` (the classifier's raw ones). It ships when its cross-fitted log loss (a proper
+    score: discrimination and calibration together) is lower than that of ``baseline``, the
+    single-film probabilities the app would show without it (after the shipped temperature).
+    A fold whose training films lack a class keeps ``baseline``.
+    """
+    from sklearn.metrics import log_loss
+
+    probs, y, folds = np.asarray(probs, np.float64), np.asarray(y), np.asarray(folds)
+    out = np.array(baseline, np.float64, copy=True)
+    fitted = []
+    for k in np.unique(folds):
+        params = fit_single_film(probs, y, np.flatnonzero(folds != k))
+        fitted.append(params is not None)
+        if params is not None:
+            test = folds == k
+            out[test] = single_film_probs(probs[test], np.asarray(params["coef"]),
+                                          np.asarray(params["intercept"]))
+    labels = list(range(len(CLASSES)))
+    loss = float(log_loss(y, np.clip(out, 1e-12, 1.0), labels=labels))
+    loss_before = float(log_loss(y, np.clip(baseline, 1e-12, 1.0), labels=labels))
+    params = fit_single_film(probs, y)
+    return {
+        "params": params,
+        "shipped": bool(params is not None and all(fitted) and loss < loss_before),
+        "probabilities": out,
+        "report": ev.classification_report(y, out, CLASSES, groups=patients, seed=seed,
+                                           class_prior=class_prior),
+        "log_loss": loss, "log_loss_before": loss_before, "folds_with_model": fitted,
+        "method": "multinomial logistic regression (L2, C = 1) on the film's own log-odds of Benign "
+                  "and Cancer against Normal, from the classifier's out-of-fold probabilities; each "
+                  "fold read by the model fitted on the other folds (cross-fitted); shipped, in "
+                  "place of the temperature, when its cross-fitted log loss is lower than the "
+                  "single-film probabilities' after the temperature",
     }
 
 

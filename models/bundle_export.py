@@ -77,16 +77,23 @@ def _description(config: dict[str, Any]) -> str:
                    "added to the log of the patch-scan reading of the cell map -> softmax.")
 
 
-def _call_limitation(decision: dict[str, Any]) -> str:
+def _call_limitation(decision: dict[str, Any], single_film: bool) -> str:
     shares = ", ".join(f"{100 * p:.0f} % {c}" for c, p in
                        zip(("Normal", "Benign", "Cancer"), decision["class_prior"], strict=True))
-    return ("A film read beside the other breast is called the class that stands highest against "
-            f"its share of the training films ({shares}), not the most probable one: it says "
-            "Benign or Cancer more often than the bars' largest value would, trading some accuracy "
-            "for balanced accuracy, and on a population with other class shares the call is off "
-            "accordingly. The rule was measured on the out-of-fold predictions of an earlier run of "
-            "the same recipe before it shipped; there it lowered balanced accuracy for films read "
-            "alone, which are called their most probable class.")
+    who = ("A film, read beside the other breast or alone," if single_film
+           else "A film read beside the other breast")
+    return (f"{who} is called the class that stands highest against its share of the training "
+            f"films ({shares}), not the most probable one: it says Benign or Cancer more often "
+            "than the bars' largest value would, trading some accuracy for balanced accuracy, and "
+            "on a population with other class shares the call is off accordingly."
+            + ("" if single_film else " Films read alone are called their most probable class: "
+               "the classifier's own probabilities are not calibrated class by class."))
+
+
+def _single_film_stage(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's single-film stage if it ships (it lowered the cross-fitted log loss), else None."""
+    stage = (evaluation.get("calibration") or {}).get("single_film")
+    return stage if stage and stage.get("shipped") and stage.get("params") else None
 
 
 def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +120,20 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
         "verify_top": int(config.get("verify_top", 0)),
     }
     figures = {"data": data}
+    decision = evaluation.get("decision")
+    single = _single_film_stage(evaluation)
+    alone = reports["lesion_multibranch_calibrated"]
+    if single is not None:
+        alone = reports["lesion_multibranch_single_film"]
+        pipeline["single_film"] = {
+            **single["params"],
+            "features": "log(P(Benign)/P(Normal)) and log(P(Cancer)/P(Normal)) of the film, from "
+                        "the classifier's raw probabilities (clipped at 1e-6); softmax(coef @ "
+                        "features + intercept), in place of the temperature",
+        }
+        if decision is not None:
+            pipeline["single_film"].update(class_prior=decision["class_prior"], call=decision["call"])
+        figures["single_film_stage"] = {k: single[k] for k in ("method", "log_loss", "log_loss_before")}
     if bilateral is not None:
         pipeline["bilateral"] = {
             **bilateral["params"],
@@ -122,17 +143,16 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "pairing": "same patient and view, opposite side, exactly one film each "
                        "(core.pairing)",
         }
-        decision = evaluation.get("decision")
         if decision is not None:  # runs evaluated before the balanced call keep the arg-max
             pipeline["bilateral"].update(class_prior=decision["class_prior"], call=decision["call"])
         figures["data"] = data + ("; the classifier figures are of films read beside the other "
                                   f"breast ({bilateral['paired_films']} of {n} films have it)")
         figures["classifier"] = reports["lesion_multibranch_bilateral"]
-        figures["classifier_single_film"] = reports["lesion_multibranch_calibrated"]
+        figures["classifier_single_film"] = alone
         figures["bilateral"] = {"method": bilateral["method"],
                                 "paired_films": bilateral["paired_films"]}
     else:
-        figures["classifier"] = reports["lesion_multibranch_calibrated"]
+        figures["classifier"] = alone
     figures["classifier_before_temperature"] = reports["lesion_multibranch"]
     return {
         "name": BUNDLE_NAME,
@@ -142,9 +162,12 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "films' classifier log-odds go into a multinomial logistic model (pipeline.bilateral) "
             "whose probabilities replace the film's own" + (
                 "; the pair is called the class whose probability is largest relative to its "
-                "share of the training films (pipeline.bilateral.class_prior), a film read alone "
-                "its most probable class." if evaluation.get("decision") else ".")
-            if bilateral is not None else ""),
+                "share of the training films (pipeline.bilateral.class_prior)." if decision else ".")
+            if bilateral is not None else "") + (
+            " Single-film stage: a film read alone gets the same form of logistic model on its "
+            "own log-odds only (pipeline.single_film, in place of the temperature)" + (
+                ", and is called the same balanced way." if decision else ".")
+            if single is not None else ""),
         "classes": ["Normal", "Benign", "Cancer"],
         "temperature": float(evaluation["temperature"]),
         "preprocessing": PreprocessConfig.from_dict(config["preprocessing"]).to_dict(),
@@ -185,7 +208,7 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "can read lower beside the other breast than either film alone (seen on the CBIS-DDSM "
             "sample, whose malignant case reads Cancer alone and Normal as a pair); the app shows "
             "both readings.",
-            *([_call_limitation(evaluation["decision"])] if evaluation.get("decision") else []),
+            *([_call_limitation(decision, single is not None)] if decision else []),
             "The segmenter's cells are 6.4 mm and each reads a 25.6 mm window: outlines are coarse "
             "and fine calcifications are not delineated.",
             "The shipped models were retrained on all films after cross-validation; the figures "

@@ -52,7 +52,7 @@ from core.inference import (
 )
 from core.io import read_image
 from core.preprocess import PreprocessConfig
-from models.bilateral import evaluate_bilateral
+from models.bilateral import evaluate_bilateral, evaluate_single_film
 
 log = logging.getLogger(__name__)
 
@@ -759,16 +759,27 @@ def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[
         calibration["calibrated_figures"] = "without temperature (scaling raised the ECE)"
         calibrated = ours
     calibration["shipped_temperature"] = temperature
-    # The other breast: fitted on these out-of-fold probabilities, cross-fitted for its figures.
-    # A pair is called the balanced class (core.decision), each fold with its training films'
-    # class shares; a film read alone, and the references, are called by their arg-max.
+    # A film read by a model fitted on these out-of-fold probabilities (the single-film stage
+    # alone, the bilateral one beside the other breast) is called the balanced class
+    # (core.decision), each fold with its training films' class shares; the classifier's own
+    # probabilities and the references are called by their arg-max.
     try:
         prior = ev.fold_class_priors(y, folds, len(CLASSES))
     except ValueError:  # a fold trained without some class (tiny runs): no balanced call
         prior = None
+    single = evaluate_single_film(ours, calibrated, y, groups, folds, seed, class_prior=prior)
+    calibration["single_film"] = {k: single[k] for k in ("params", "shipped", "log_loss", "log_loss_before",
+                                                         "folds_with_model", "method")}
+    alone = reports["lesion_multibranch_calibrated"]
+    if single["shipped"]:
+        reports["lesion_multibranch_single_film"] = alone = single["report"]
+        calibrated = single["probabilities"]  # what a film without a partner shows
+    # The other breast: fitted on these out-of-fold probabilities, cross-fitted for its figures.
     staged = evaluate_bilateral(oof, calibrated, seed, class_prior=prior)
     shipped = calibrated
-    rows = {"lesion-aware multi-branch, one film (ours)": reports["lesion_multibranch_calibrated"]}
+    rows = {"lesion-aware multi-branch, one film (ours)": alone}
+    if single["shipped"]:
+        rows["the same, before the single-film stage"] = reports["lesion_multibranch_calibrated"]
     bilateral = None
     if staged["params"] is not None:
         reports["lesion_multibranch_bilateral"] = staged["report"]
@@ -796,16 +807,17 @@ def evaluate_oof(out: Path, seed: int = 0) -> tuple[dict[str, Any], float, dict[
 
 
 def shipped_decision(labels: np.ndarray) -> dict[str, Any]:
-    """How the bundle calls a pair (``pipeline.bilateral``'s ``class_prior`` and ``call``)."""
+    """How the bundle calls a film its logistic stages read (``class_prior`` and ``call`` of
+    ``pipeline.bilateral`` and ``pipeline.single_film``)."""
     from core.decision import RULE_TEXT
 
     counts = np.bincount(np.asarray(labels, np.int64), minlength=len(CLASSES))
     shares = ", ".join(f"{c} {int(k)}" for c, k in zip(CLASSES, counts, strict=True))
     return {"class_prior": (counts / counts.sum()).tolist(),
-            "call": f"a film read beside the other breast is called {RULE_TEXT}, the prior being "
-                    f"the class shares of the {int(counts.sum())} training films ({shares}); a "
-                    "film read alone is called its most probable class; the probabilities shown "
-                    "are unchanged"}
+            "call": f"a film read by this stage is called {RULE_TEXT}, the prior being the class "
+                    f"shares of the {int(counts.sum())} training films ({shares}); the "
+                    "probabilities shown are unchanged; a film read alone without the "
+                    "single-film stage is called its most probable class"}
 
 
 def reevaluate(out: Path, seed: int = 0) -> dict[str, Any]:

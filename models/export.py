@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from core.bundle import SEMVER, BundleError, load_bundle
-from core.pairing import check_bilateral
+from core.pairing import check_bilateral, check_single_film
 from models.evaluation import compare_table, format_figure
 
 log = logging.getLogger(__name__)
@@ -362,11 +362,12 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         if key in m and not isinstance(m[key], Mapping):
             problems.append(f"'{key}' must be a dict")
     pipeline = m.get("pipeline")
-    if isinstance(pipeline, Mapping) and pipeline.get("bilateral") is not None:
-        try:
-            check_bilateral(pipeline["bilateral"], list(m.get("classes") or []))
-        except ValueError as exc:
-            problems.append(str(exc))
+    for key, check in (("bilateral", check_bilateral), ("single_film", check_single_film)):
+        if isinstance(pipeline, Mapping) and pipeline.get(key) is not None:
+            try:
+                check(pipeline[key], list(m.get("classes") or []))
+            except ValueError as exc:
+                problems.append(str(exc))
     if "temperature" in m and not (_is_number(m["temperature"]) and m["temperature"] > 0):
         problems.append(f"'temperature' must be a finite number > 0, got {m['temperature']!r}")
     if "evaluation" in m:
@@ -670,7 +671,11 @@ def render_model_card(model_json: Mapping[str, Any]) -> str:
                              "at hand" if (j.get("pipeline") or {}).get("bilateral") else "")
               + "; it is not a finding.", ""]
     lines += ["## Model", "", "Classes, in output order: " + ", ".join(j.get("classes", [])) + ".", ""]
-    if "temperature" in j:
+    if (j.get("pipeline") or {}).get("single_film"):
+        lines += ["Calibration: a film read alone gets the single-film stage's probabilities "
+                  "(pipeline.single_film, a logistic model on the classifier's log-odds fitted on "
+                  "out-of-fold predictions), in place of the temperature.", ""]
+    elif "temperature" in j:
         lines += [f"Calibration temperature: {_scalar(j['temperature'])} (probabilities are "
                   "softmax(log p / T)).", ""]
     for role, specs in j.get("inputs", {}).items():

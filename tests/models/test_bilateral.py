@@ -159,3 +159,44 @@ def test_cli_prints_the_asymmetry_probe_when_the_run_saved_cell_maps(tmp_path, c
     assert "Local asymmetry probe" in out and "| bilateral + local asymmetry | 60 |" in out
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--window", "0"])
+
+
+def test_single_film_stage_is_cross_fitted_and_ships_only_when_it_lowers_the_log_loss():
+    """A classifier whose cancer signal leaks into its benign log-odds: the stage, fitted on the
+    other folds, reorders the films (higher cancer AUC) and lowers the log loss, so it ships;
+    on readings that carry nothing it does not beat the class shares and does not ship."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from core.pairing import single_features, single_film_probs
+    from models.bilateral import evaluate_single_film, fit_single_film
+
+    rng = np.random.default_rng(5)
+    n = 300
+    y = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
+    logits = np.zeros((n, 3))
+    logits[:, 1] = 1.2 * (y == 2) + 0.8 * (y == 1) + rng.normal(0, 0.6, n)  # cancer shows as benign
+    logits[:, 2] = 0.5 * (y == 2) - 0.6 * (y == 1) + rng.normal(0, 0.6, n)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    patients = np.arange(n)
+    folds = np.arange(n) % 5
+    stage = evaluate_single_film(probs, probs, y, patients, folds)
+    assert stage["shipped"] and stage["log_loss"] < stage["log_loss_before"]
+    assert roc_auc_score(y == 2, stage["probabilities"][:, 2]) > roc_auc_score(y == 2, probs[:, 2]) + 0.05
+    # Fold 0 is read by the model of folds 1-4: its own labels do not move its reading.
+    shuffled = y.copy()
+    shuffled[folds == 0] = rng.permutation(shuffled[folds == 0])
+    again = evaluate_single_film(probs, probs, shuffled, patients, folds)["probabilities"]
+    np.testing.assert_allclose(again[folds == 0], stage["probabilities"][folds == 0])
+    # The shipped parameters are what core applies.
+    x = single_features(probs)
+    sk = LogisticRegression(C=1.0, max_iter=5000).fit(x, y).predict_proba(x)
+    params = fit_single_film(probs, y)
+    np.testing.assert_allclose(single_film_probs(probs, np.array(params["coef"]), np.array(params["intercept"])),
+                               sk, atol=1e-6)
+    # Readings that carry nothing, against the training folds' class shares: not shipped.
+    noise = rng.dirichlet(np.ones(3), size=n)
+    shares = np.stack([np.bincount(y[folds != f], minlength=3) / (folds != f).sum() for f in folds])
+    flat = evaluate_single_film(noise, shares, y, patients, folds)
+    assert not flat["shipped"] and flat["log_loss"] >= flat["log_loss_before"]
+    assert fit_single_film(probs, np.where(y == 1, 0, y)) is None

@@ -97,8 +97,11 @@ def test_exported_bundle_runs_in_core(tiny_run, mias_dir):
     np.testing.assert_allclose(card["pipeline"]["bilateral"]["class_prior"], shares)
     np.testing.assert_allclose(a.pair_prior, shares)
     assert card["evaluation"]["classifier"]["decision"] == "balanced"
-    assert card["evaluation"]["classifier_single_film"]["decision"] == "argmax"
-    assert "classifier_single_film" in card["evaluation"]
+    # A film alone: the single-film stage ships only if it lowered the cross-fitted log loss.
+    stage = summary["calibration"]["single_film"]
+    assert ("single_film" in card["pipeline"]) == stage["shipped"] == (a.single_film is not None)
+    if not stage["shipped"]:
+        assert card["evaluation"]["classifier_single_film"]["decision"] == "argmax"
     assert a.reads_pairs
     other = a.analyze(read_image(mias_dir / "mdb002.png"))
     pair = a.compare(result, other)
@@ -121,6 +124,21 @@ def test_a_run_evaluated_before_the_balanced_call_exports_an_arg_max_bundle(tiny
     called = bundle_metadata(config, evaluation)
     assert "class_prior" in called["pipeline"]["bilateral"]
     assert any("stands highest against its share" in x for x in called["limitations"])
+    # A run whose single-film stage ships: a film alone is read and called by it as well.
+    staged = json.loads(json.dumps(evaluation))
+    params = {"coef": [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "intercept": [0.0, -1.0, -1.0]}
+    staged["calibration"]["single_film"] = {"params": params, "shipped": True, "log_loss": 0.7,
+                                            "log_loss_before": 0.8, "method": "cross-fitted"}
+    staged["reports"]["lesion_multibranch_single_film"] = {"decision": "balanced", "marker": 1}
+    meta = bundle_metadata(config, staged)
+    assert meta["pipeline"]["single_film"]["coef"] == params["coef"]
+    assert meta["pipeline"]["single_film"]["class_prior"] == evaluation["decision"]["class_prior"]
+    assert meta["evaluation"]["classifier_single_film"]["marker"] == 1
+    assert "Single-film stage" in meta["description"]
+    assert any("read beside the other breast or alone" in x for x in meta["limitations"])
+    assert "single_film" not in called["pipeline"] or evaluation["calibration"]["single_film"]["shipped"]
+    staged["calibration"]["single_film"]["shipped"] = False
+    assert "single_film" not in bundle_metadata(config, staged)["pipeline"]
     evaluation.pop("decision")
     old = bundle_metadata(config, evaluation)
     assert "class_prior" not in old["pipeline"]["bilateral"] and "call" not in old["pipeline"]["bilateral"]
@@ -375,7 +393,7 @@ def test_temperature_is_shipped_only_when_it_lowers_the_cross_fitted_ece(tmp_pat
     assert reports["lesion_multibranch_calibrated"] == reports["lesion_multibranch"]
 
 
-def test_a_pair_is_called_balanced_with_its_folds_training_shares_and_a_film_alone_by_arg_max(tmp_path):
+def test_films_read_by_the_logistic_stages_are_called_balanced_with_their_folds_shares(tmp_path):
     from models import bundle_recipe
     from models.bilateral import contralateral
 
@@ -391,7 +409,7 @@ def test_a_pair_is_called_balanced_with_its_folds_training_shares_and_a_film_alo
     oof["folds"] = [(i // 2) % 3 for i in range(240)]
     (tmp_path / "oof_predictions.json").write_text(json.dumps(oof))
     assert (contralateral(np.array(oof["patients"])) >= 0).all()
-    reports, _, _, bilateral = bundle_recipe.evaluate_oof(tmp_path)
+    reports, _, calibration, bilateral = bundle_recipe.evaluate_oof(tmp_path)
     assert bilateral is not None
     pair, plain = reports["lesion_multibranch_bilateral"], reports["lesion_multibranch_bilateral_argmax"]
     assert pair["decision"] == "balanced" and plain["decision"] == "argmax"
@@ -401,9 +419,14 @@ def test_a_pair_is_called_balanced_with_its_folds_training_shares_and_a_film_alo
     assert reports["lesion_multibranch_calibrated"]["decision"] == "argmax"
     assert reports["patch_scan"]["decision"] == "argmax"
     assert "arg-max call" in (tmp_path / "comparison.md").read_text()
+    # A film alone read by the single-film stage is called the balanced way too, and the table
+    # shows the classifier's own probabilities beside it.
+    assert calibration["single_film"]["shipped"]
+    assert reports["lesion_multibranch_single_film"]["decision"] == "balanced"
+    assert "before the single-film stage" in (tmp_path / "comparison.md").read_text()
     decision = bundle_recipe.shipped_decision(np.asarray(labels))
     np.testing.assert_allclose(decision["class_prior"], np.bincount(labels) / 240)
-    assert "film read alone is called its most probable class" in decision["call"]
+    assert "without the single-film stage is called its most probable class" in decision["call"]
 
 
 def test_bundle_description_follows_the_scanners_of_the_run():

@@ -199,7 +199,7 @@ def test_a_failing_pair_reading_keeps_both_single_readings(analyzer, pair_folder
     assert all(r.probabilities == r.single_probabilities for r in rows if r.status == "ok")
 
 
-def test_pairs_are_called_by_the_bundles_class_prior_and_films_alone_by_arg_max(
+def test_pairs_and_films_alone_are_called_by_their_stages_class_priors(
         analyzer, bundle_dir, pair_folder, tmp_path):
     from core.inference import Analyzer
     from tests.conftest import edited_bundle
@@ -217,9 +217,10 @@ def test_pairs_are_called_by_the_bundles_class_prior_and_films_alone_by_arg_max(
     assert want != top  # else this test proves nothing
     np.testing.assert_allclose(rows["mdb001.png"].probabilities, p, atol=1e-6)  # bars unchanged
     assert rows["mdb001.png"].predicted == analyzer.classes[want]
-    alone = rows["mdb007.png"]  # no partner: the arg-max of its own reading
+    alone = rows["mdb007.png"]  # no partner: the single-film stage's call (arg-max without it)
     assert alone.other_breast is None
-    assert alone.predicted == analyzer.classes[int(np.argmax(alone.probabilities))]
+    from core.decision import decide
+    assert alone.predicted == analyzer.classes[decide(np.array(alone.probabilities), analyzer.single_prior)]
 
 
 def test_cli_says_how_many_films_were_paired(pair_folder, tmp_path, capsys):

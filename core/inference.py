@@ -320,20 +320,10 @@ class Analyzer:
             self.verify_top = int(p.get("verify_top", 0))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{bundle.path}: model.json pipeline settings incomplete ({exc})") from None
-        try:
-            self.bilateral = (check_bilateral(p["bilateral"], bundle.classes)
-                              if p.get("bilateral") is not None else None)
-        except ValueError as exc:
-            raise BundleError(f"{bundle.path}: model.json {exc}") from None
-        # The prior of a pair's balanced call (core.decision); None: a pair is called its arg-max.
-        self.pair_prior = self.bilateral.pop("class_prior", None) if self.bilateral else None
-        try:
-            self.single_film = (check_single_film(p["single_film"], bundle.classes)
-                                if p.get("single_film") is not None else None)
-        except ValueError as exc:
-            raise BundleError(f"{bundle.path}: model.json {exc}") from None
-        # Likewise for a film read alone, when the bundle has the single-film stage.
-        self.single_prior = self.single_film.pop("class_prior", None) if self.single_film else None
+        # The logistic stages (core.pairing) and the priors of their balanced calls
+        # (core.decision); a stage without a prior calls its arg-max.
+        self.bilateral, self.pair_prior = self._stage(p, "bilateral", check_bilateral)
+        self.single_film, self.single_prior = self._stage(p, "single_film", check_single_film)
         self._seg = _Model(bundle.file("segmenter.tflite"), threads)
         self._cls = _Model(bundle.file("classifier.tflite"), threads)
         self._ver = _Model(bundle.file("verifier.tflite"), threads) if self.verify_top > 0 else None
@@ -345,6 +335,17 @@ class Analyzer:
                                   f"pipeline asks for {want}")
         self.cell_classes = tuple(p.get("cell_classes", ("normal", "benign", "malignant")))
         self.uses_prior = any("prior_log" in d["name"] for d in self._cls.inputs)
+
+    def _stage(self, pipeline: dict[str, Any], key: str, check) -> tuple[dict | None, np.ndarray | None]:
+        """``pipeline[key]`` checked by ``check``: (coef and intercept, class prior or None), or
+        (None, None) when the bundle has no such stage; BundleError says what is wrong."""
+        if pipeline.get(key) is None:
+            return None, None
+        try:
+            params = check(pipeline[key], self.bundle.classes)
+        except ValueError as exc:
+            raise BundleError(f"{self.bundle.path}: model.json {exc}") from None
+        return params, params.pop("class_prior", None)
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, threads: int | None = None) -> Analyzer:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,15 +112,33 @@ def top_cells(cell_probs: np.ndarray, breast_cells: np.ndarray, k: int, cell_px:
     return Candidates(rc, xy, cell_probs[rc[:, 0], rc[:, 1]].astype(np.float32))
 
 
+def check_verify_shifts(shifts: Any) -> np.ndarray:
+    """model.json's ``pipeline.verify_shifts`` as an (S, 2) float array of crop offsets (x, y, px).
+
+    Raises ValueError naming what is wrong: not a non-empty list of [x, y] pairs of finite numbers.
+    """
+    try:
+        out = np.asarray(shifts, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"verify_shifts must be a list of [x, y] offsets, got {shifts!r}") from None
+    if out.ndim != 2 or out.shape[1] != 2 or len(out) == 0 or not np.isfinite(out).all():
+        raise ValueError(f"verify_shifts must be a non-empty list of [x, y] offsets, got {shifts!r}")
+    return out
+
+
 def verify_cells(cells: np.ndarray, canvas: np.ndarray, breast_cells: np.ndarray, k: int,
-                 cell_px: int, patch_px: int, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                 cell_px: int, patch_px: int, read: Callable[[np.ndarray], np.ndarray],
+                 shifts: Sequence[Sequence[float]] = ((0, 0),)) -> np.ndarray:
     """Re-read the ``k`` most lesion-like cells from their own patch and average the two readings.
 
     The segmenter reads every cell convolutionally, with the whole canvas around each window; the
     scanners were trained on isolated ``patch_px`` patches. ``read`` gives the scanners' reading of
-    such patches, centred on each candidate cell and cut from the canvas exactly as in training,
-    and each candidate's probabilities become the mean of both readings. The other cells keep the
-    segmenter's reading.
+    such patches, cut from the canvas exactly as in training around each candidate cell: one
+    patch per entry of ``shifts`` (x, y offsets of the patch centre from the cell centre, px;
+    the scanners were trained on patches whose centres wander around the lesion, so several
+    shifted crops read a cell more steadily than one). The verifier's reading of a cell is the
+    mean over its crops, and each candidate's probabilities become the mean of the segmenter's
+    and the verifier's readings. The other cells keep the segmenter's reading.
 
     Parameters
     ----------
@@ -131,7 +149,10 @@ def verify_cells(cells: np.ndarray, canvas: np.ndarray, breast_cells: np.ndarray
     breast_cells : np.ndarray
         (rows, cols) bool.
     read : callable
-        (k, patch_px, patch_px) float32 -> (k, C) probabilities.
+        (k * len(shifts), patch_px, patch_px) float32 -> (k * len(shifts), C) probabilities; the
+        patches come shift by shift (all k candidates at the first shift, then at the second...).
+    shifts : sequence of (x, y)
+        Crop offsets; the default, one unshifted crop, is the plain re-read.
 
     Returns
     -------
@@ -141,11 +162,15 @@ def verify_cells(cells: np.ndarray, canvas: np.ndarray, breast_cells: np.ndarray
     out = cells.astype(np.float32, copy=True)
     if k <= 0 or not breast_cells.any():
         return out
+    offsets = np.asarray(shifts, np.float64).reshape(-1, 2)
     cand = top_cells(cells, breast_cells, k, cell_px)
-    patches = candidate_patches(np.asarray(canvas, np.float32), cand.canvas_xy, patch_px)
-    second = np.asarray(read(patches), np.float32)
-    if second.shape != (k, cells.shape[-1]):
-        raise ValueError(f"the verifier gave shape {second.shape}, expected {(k, cells.shape[-1])}")
+    work = np.asarray(canvas, np.float32)
+    patches = np.concatenate([candidate_patches(work, cand.canvas_xy + off, patch_px) for off in offsets])
+    readings = np.asarray(read(patches), np.float32)
+    want = (len(offsets) * k, cells.shape[-1])
+    if readings.shape != want:
+        raise ValueError(f"the verifier gave shape {readings.shape}, expected {want}")
+    second = readings.reshape(len(offsets), k, cells.shape[-1]).mean(axis=0)
     r, c = cand.cells_rc[:, 0], cand.cells_rc[:, 1]
     out[r, c] = 0.5 * (cells[r, c] + second)  # repeated candidates write the same value
     return out
@@ -318,6 +343,7 @@ class Analyzer:
             self.mask_threshold = float(p.get("mask_threshold", 0.5))
             self.temperature = float(card.get("temperature", 1.0))
             self.verify_top = int(p.get("verify_top", 0))
+            self.verify_shifts = check_verify_shifts(p.get("verify_shifts", [[0, 0]]))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{bundle.path}: model.json pipeline settings incomplete ({exc})") from None
         # The logistic stages (core.pairing) and the priors of their balanced calls
@@ -328,7 +354,7 @@ class Analyzer:
         self._cls = _Model(bundle.file("classifier.tflite"), threads)
         self._ver = _Model(bundle.file("verifier.tflite"), threads) if self.verify_top > 0 else None
         if self._ver is not None:
-            want = (1, self.verify_top, self.patch_px, self.patch_px, 1)
+            want = (1, self.verify_top * len(self.verify_shifts), self.patch_px, self.patch_px, 1)
             got = self._ver.input_shape("verify_patches")
             if got != want:
                 raise BundleError(f"{bundle.path}: verifier.tflite takes {got}, but model.json's "
@@ -408,7 +434,7 @@ class Analyzer:
         return out[0]
 
     def verify(self, patches: np.ndarray) -> np.ndarray:
-        """(verify_top, P, P) patches -> (verify_top, C) the scanners' patch readings."""
+        """(verify_top x shifts, P, P) patches -> (verify_top x shifts, C) the scanners' readings."""
         if self._ver is None:
             raise ValueError("this bundle has no verifier")
         (out,) = self._ver({"verify_patches": patches[None, ..., None]})
@@ -420,7 +446,7 @@ class Analyzer:
         if self._ver is None:
             return cells
         return verify_cells(cells, canvas, in_breast, self.verify_top, self.cell_px, self.patch_px,
-                            self.verify)
+                            self.verify, self.verify_shifts)
 
     def classify(self, global_img: np.ndarray, patches: np.ndarray, scores: np.ndarray,
                  prior: np.ndarray | None = None) -> np.ndarray:

@@ -111,6 +111,47 @@ def test_verify_cells_rereads_the_top_cells_from_patches_centred_on_them():
         verify_cells(cells, canvas, breast, 3, cell, patch, lambda p: np.zeros((2, 3)))
 
 
+def test_verify_cells_averages_the_shifted_crops_of_each_cell():
+    rng = np.random.default_rng(3)
+    rows, cols, cell, patch = 6, 5, 32, 64
+    cells = rng.dirichlet((8, 1, 1), size=(rows, cols)).astype(np.float32)
+    breast = np.ones((rows, cols), bool)
+    canvas = rng.random((rows * cell, cols * cell)).astype(np.float32)
+    shifts = [[0, 0], [-8, -8], [8, -8], [-8, 8], [8, 8]]
+    seen = []
+
+    def read(patches):  # depends on the patch's centre pixel only
+        seen.append(len(patches))
+        centre = patches[:, patch // 2, patch // 2]
+        return np.stack([1 - centre, centre / 2, centre / 2], axis=1)
+
+    out = verify_cells(cells, canvas, breast, 3, cell, patch, read, shifts)
+    assert seen == [15]  # one call: 3 cells x 5 crops
+    for r, c in top_cells(cells, breast, 3, cell).cells_rc:
+        cy, cx = r * cell + cell // 2, c * cell + cell // 2
+        v = np.mean([canvas[cy + dy, cx + dx] for dx, dy in shifts])
+        np.testing.assert_allclose(out[r, c], 0.5 * (cells[r, c] + [1 - v, v / 2, v / 2]), rtol=1e-5)
+    centred = verify_cells(cells, canvas, breast, 3, cell, patch, read)
+    assert not np.allclose(out, centred)  # the shifted crops change the reading
+    with pytest.raises(ValueError, match=r"shape \(3, 3\), expected \(15, 3\)"):
+        verify_cells(cells, canvas, breast, 3, cell, patch, lambda p: np.zeros((3, 3)), shifts)
+
+
+def test_a_bundle_whose_verifier_does_not_match_its_crops_is_refused(bundle_dir, tmp_path):
+    card = json.loads((bundle_dir / "model.json").read_text())
+    shifts = card["pipeline"].get("verify_shifts", [[0, 0]])
+    ok = Analyzer.from_bundle(bundle_dir)
+    assert len(ok.verify_shifts) == len(shifts)
+    one_more = [*shifts, [4, 4]]
+    with pytest.raises(BundleError, match="verifier.tflite takes"):
+        Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / "more",
+                                           lambda c: c["pipeline"].update(verify_shifts=one_more)))
+    for i, bad in enumerate(([], [[1, 2, 3]], "left", [[0, float("nan")]])):
+        with pytest.raises(BundleError, match="verify_shifts must be"):
+            Analyzer.from_bundle(edited_bundle(bundle_dir, tmp_path / f"bad{i}",
+                                               lambda c, b=bad: c["pipeline"].update(verify_shifts=b)))
+
+
 def _copy_bundle(src, tmp_path):
     dst = tmp_path / "bundle"
     shutil.copytree(src, dst)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.preprocess import PreprocessConfig
+from models.bundle_recipe import verify_shifts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ def _description(config: dict[str, Any]) -> str:
         scan += (f" Verifier: the segmenter's {verify} most lesion-like cells are re-read by the same "
                  f"scanners from their own {patch} px patch, as in training, and each gets the mean "
                  "of both readings.")
+    jitter = int(config.get("verify_jitter_px", 0))
+    if verify and jitter:
+        scan += (f" The verifier reads each cell from five crops (centred and moved {jitter} px along "
+                 "each diagonal) and averages them.")
     if config.get("tta_flip"):
         scan += (" Segmenter and verifier also read the film mirrored left-right and average the "
                  "mirrored reading with the direct one.")
@@ -118,6 +123,8 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
         "mask_threshold": float(seg.get("mask_threshold", config["mask_threshold"])),
         "cell_classes": ["normal", "benign", "malignant"],
         "verify_top": int(config.get("verify_top", 0)),
+        # a run from before verify_jitter_px read the centred crop only
+        "verify_shifts": verify_shifts(config.get("verify_jitter_px", 0)),
     }
     figures = {"data": data}
     decision = evaluation.get("decision")

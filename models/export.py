@@ -457,8 +457,9 @@ def write_bundle(
     overwrite : bool
         Replace an existing ``out_dir`` (only once the new bundle is complete).
     verifier_model : keras.Model, optional
-        The patch verifier, written as ``verifier.tflite`` (the pipeline's ``verify_top`` must be
-        its number of patches; without it, ``verify_top`` must be absent or 0).
+        The patch verifier, written as ``verifier.tflite`` (its number of patches must be the
+        pipeline's ``verify_top`` times the number of its ``verify_shifts``, one by default);
+        without it, ``verify_top`` must be absent or 0.
 
     Returns
     -------

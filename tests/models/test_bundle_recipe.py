@@ -218,13 +218,14 @@ def test_two_scale_segmenter_averages_each_scanner_on_its_own_canvas():
 def test_verifier_is_the_mean_of_the_scanners_on_each_patch():
     from models.bundle_recipe import build_verifier
 
-    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3)
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3, verify_jitter_px=8)
+    assert cfg.verify_shifts() == [[0, 0], [-8, -8], [8, -8], [-8, 8], [8, 8]]
     rng = np.random.default_rng(1)
     scanners = _random_head_scanners(cfg, rng, 2)
-    x = rng.random((1, 3, 64, 64, 1), dtype=np.float32)
+    x = rng.random((1, 15, 64, 64, 1), dtype=np.float32)  # 3 cells x 5 crops
     got = build_verifier(cfg, scanners).predict_on_batch(x)[0]
     each = [sc.predict_on_batch(x[0]) for sc in scanners]
-    assert got.shape == (3, 3)
+    assert got.shape == (15, 3)
     np.testing.assert_allclose(got, 0.5 * (each[0] + each[1]), atol=1e-5)
     assert not np.allclose(each[0], each[1], atol=1e-3)
 
@@ -236,7 +237,7 @@ def test_flip_reading_averages_the_film_and_its_mirror_cell_by_cell():
 
     from models.bundle_recipe import build_segmenter, build_verifier
 
-    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3)
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3, verify_jitter_px=0)
     flip_cfg = dataclasses.replace(cfg, tta_flip=True)
     rng = np.random.default_rng(2)
     scanners = _random_head_scanners(cfg, rng, 2)
@@ -268,6 +269,10 @@ def test_recipe_config_rejects_scales_that_do_not_tile_the_canvas():
         RecipeConfig(scan_scales=(1, 2))
     with pytest.raises(ValueError, match="verify_top"):
         RecipeConfig(verify_top=-1)
+    for bad in (-1, 64):  # a shift of half the 128 px patch or more is refused
+        with pytest.raises(ValueError, match="verify_jitter_px"):
+            RecipeConfig(verify_jitter_px=bad)
+    assert RecipeConfig(verify_jitter_px=0).verify_shifts() == [[0, 0]]
 
 
 def _synthetic_films(n=4, h=256, w=192, cell=32):

@@ -164,8 +164,8 @@ def verify_cells(cells: np.ndarray, canvas: np.ndarray, breast_cells: np.ndarray
         return out
     offsets = np.asarray(shifts, np.float64).reshape(-1, 2)
     cand = top_cells(cells, breast_cells, k, cell_px)
-    work = np.asarray(canvas, np.float32)
-    patches = np.concatenate([candidate_patches(work, cand.canvas_xy + off, patch_px) for off in offsets])
+    centres = (cand.canvas_xy[None] + offsets[:, None]).reshape(-1, 2)  # shift by shift
+    patches = candidate_patches(np.asarray(canvas, np.float32), centres, patch_px)  # one padding
     readings = np.asarray(read(patches), np.float32)
     want = (len(offsets) * k, cells.shape[-1])
     if readings.shape != want:

@@ -71,8 +71,9 @@ def _description(config: dict[str, Any]) -> str:
                  "of both readings.")
     jitter = int(config.get("verify_jitter_px", 0))
     if verify and jitter:
-        scan += (f" The verifier reads each cell from five crops (centred and moved {jitter} px along "
-                 "each diagonal) and averages them.")
+        crops = len(verify_shifts(jitter))
+        scan += (f" The verifier reads each cell from {crops} crops (centred and moved {jitter} px "
+                 "along each diagonal) and averages them.")
     if config.get("tta_flip"):
         scan += (" Segmenter and verifier also read the film mirrored left-right and average the "
                  "mirrored reading with the direct one.")

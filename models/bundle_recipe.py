@@ -651,8 +651,9 @@ def verified_probs(films: Films, probs: np.ndarray, verifier, cfg: RecipeConfig)
     def read(patches: np.ndarray) -> np.ndarray:
         return verifier.predict_on_batch(patches[None, ..., None])[0]
 
+    shifts = cfg.verify_shifts()
     return np.stack([verify_cells(probs[i], films.canvases[i], films.cell_breast[i],
-                                  cfg.verify_top, cfg.cell_px, cfg.patch_px, read, cfg.verify_shifts())
+                                  cfg.verify_top, cfg.cell_px, cfg.patch_px, read, shifts)
                      for i in range(len(probs))])
 
 

@@ -9,8 +9,9 @@ The shipped model is lesion-aware and works at native resolution (about 0.2 mm/p
   benign, malignant) in one pass. The segmenter averages several such scanners
   (``scan_scales``: two, trained with different seeds).
 - **Verifier**: the segmenter's 16 most lesion-like cells are re-read by the same scanners from
-  their own 128 px patch, exactly as the scanners were trained, and each of those cells gets the
-  mean of the two readings (``verify_top``).
+  128 px patches, exactly as the scanners were trained (two crops moved 12 px along the main
+  diagonal, both ways, averaged: ``verify_jitter_px``, ``verify_crops``), and each of those cells
+  gets the mean of the segmenter's and the verifier's readings (``verify_top``).
 - **Multi-branch classifier**: a narrow CNN on the whole breast at low resolution (global context:
   density, asymmetry) beside ImageNet Lite0 on the top-K candidate patches at native resolution,
   plus the candidates' cell probabilities, concatenated into Dense(128, ReLU, L2) -> Dropout(0.5)
@@ -61,10 +62,19 @@ CLASSES = ("Normal", "Benign", "Cancer")
 FEATURES = 1280  # Lite0 head width
 
 
-def verify_shifts(jitter_px: int) -> list[list[int]]:
-    """The centred crop, then (unless ``jitter_px`` is 0) the four diagonal shifts (x, y, px)."""
+VERIFY_CROPS = ("diag5", "diag2")
+
+
+def verify_shifts(jitter_px: int, crops: str = "diag5") -> list[list[int]]:
+    """The verifier's crop offsets (x, y, px). With ``jitter_px`` 0 the centred crop only; else
+    ``diag5``: the centred crop and the four diagonal shifts, ``diag2``: the two shifts along
+    the main diagonal, symmetric about the cell centre (no centred crop)."""
+    if crops not in VERIFY_CROPS:
+        raise ValueError(f"verify crops must be one of {', '.join(VERIFY_CROPS)}, got {crops!r}")
     j = int(jitter_px)
-    return [[0, 0]] + ([[-j, -j], [j, -j], [-j, j], [j, j]] if j else [])
+    if not j:
+        return [[0, 0]]
+    return [[-j, -j], [j, j]] if crops == "diag2" else [[0, 0], [-j, -j], [j, -j], [-j, j], [j, j]]
 
 
 @dataclass(frozen=True)
@@ -99,13 +109,16 @@ class RecipeConfig:
     # Test-time flip: the segmenter and the verifier also read the film mirrored left-right and
     # average the two readings (the scanners are trained with flips). Doubles their run time.
     tta_flip: bool = False
-    # The verifier reads each of its cells from several crops: centred, and with the centre moved
-    # this many px along the four diagonals (0: the centred crop only), and averages them; the
-    # scanners were trained on patches whose centres wander around the lesion. One full run with
-    # 12 px (same scanners as 1.6.0's, heads retrained): pair cancer AUC 0.856 -> 0.867, macro
-    # 0.792 -> 0.795, film alone cancer 0.791 -> 0.803; but five times the verifier's patches
-    # made folds ~760-900 s instead of 417-573 s (86 min for make train), so it is off for now.
-    verify_jitter_px: int = 0
+    # The verifier reads each of its cells from several crops (see verify_shifts) moved this many
+    # px from the cell centre, and averages them (0: the centred crop only); the scanners were
+    # trained on patches whose centres wander around the lesion. Crop sets: "diag5" (centred +
+    # the four diagonals) or "diag2" (the two crops along the main diagonal). Replaying 1.6.0's
+    # kept fold scanners (bilateral stage on the scan's log-odds, cross-fitted) the pair cancer
+    # AUC read 0.856 centred, 0.873 diag5, 0.877 with either diagonal pair (among ~30 variants,
+    # so selected). Full runs: diag5 0.867 but 86 min (folds 760-900 s); diag2 (shipped, 1.7.0)
+    # 0.875, macro 0.794, 52 min (folds 492-536 s).
+    verify_jitter_px: int = 12
+    verify_crops: str = "diag2"
     cls_epochs: int = 5
     use_prior: bool = True  # the head corrects the patch-scan reading instead of replacing it
     baseline_px: int = 224
@@ -124,6 +137,7 @@ class RecipeConfig:
                              f"canvas itself), got scan_scales {self.scan_scales}; set verify_top=0")
         if not 0 <= self.verify_jitter_px < self.patch_px // 2:
             raise ValueError(f"verify_jitter_px must be in [0, {self.patch_px // 2}), got {self.verify_jitter_px}")
+        verify_shifts(self.verify_jitter_px, self.verify_crops)  # raises on an unknown crop set
         for s in self.scan_scales:
             if any(side % (self.cell_px * s) for side in self.canvas):
                 raise ValueError(f"canvas {self.canvas} is not a multiple of cell_px x scale "
@@ -131,7 +145,7 @@ class RecipeConfig:
 
     def verify_shifts(self) -> list[list[int]]:
         """The verifier's crop offsets (x, y, px): model.json's ``pipeline.verify_shifts``."""
-        return verify_shifts(self.verify_jitter_px)
+        return verify_shifts(self.verify_jitter_px, self.verify_crops)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -1020,6 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-jitter", type=int, default=RecipeConfig.verify_jitter_px, metavar="PX",
                    help="the verifier also reads each cell from crops moved PX px along the diagonals "
                         "(0: the centred crop only)")
+    p.add_argument("--verify-crops", choices=VERIFY_CROPS, default=RecipeConfig.verify_crops,
+                   help="with --verify-jitter: diag5 = centred + four diagonal crops, diag2 = the two "
+                        "crops along the main diagonal")
     p.add_argument("--cv-only", action="store_true",
                    help="stop after the cross-validation and its evaluation (no final models)")
     args = p.parse_args(argv)
@@ -1029,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RecipeConfig(folds=args.folds, cls_epochs=args.cls_epochs, scan_epochs=args.scan_epochs,
                            scan_scales=tuple(args.scan_scales), tta_flip=args.tta_flip,
-                           verify_jitter_px=args.verify_jitter)
+                           verify_jitter_px=args.verify_jitter, verify_crops=args.verify_crops)
     except ValueError as e:
         p.error(str(e))
     if args.scanner_extra is not None:

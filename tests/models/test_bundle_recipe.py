@@ -218,7 +218,8 @@ def test_two_scale_segmenter_averages_each_scanner_on_its_own_canvas():
 def test_verifier_is_the_mean_of_the_scanners_on_each_patch():
     from models.bundle_recipe import build_verifier
 
-    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3, verify_jitter_px=8)
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3, verify_jitter_px=8,
+                       verify_crops="diag5")
     assert cfg.verify_shifts() == [[0, 0], [-8, -8], [8, -8], [-8, 8], [8, 8]]
     rng = np.random.default_rng(1)
     scanners = _random_head_scanners(cfg, rng, 2)
@@ -273,6 +274,37 @@ def test_recipe_config_rejects_scales_that_do_not_tile_the_canvas():
         with pytest.raises(ValueError, match="verify_jitter_px"):
             RecipeConfig(verify_jitter_px=bad)
     assert RecipeConfig(verify_jitter_px=0).verify_shifts() == [[0, 0]]
+    with pytest.raises(ValueError, match="diag5, diag2"):
+        RecipeConfig(verify_jitter_px=12, verify_crops="diag3")
+
+
+def test_verify_crop_sets_are_symmetric_about_the_cell_centre():
+    five = RecipeConfig(verify_jitter_px=12, verify_crops="diag5").verify_shifts()
+    two = RecipeConfig(verify_jitter_px=12, verify_crops="diag2").verify_shifts()
+    assert two == [[-12, -12], [12, 12]] and [0, 0] not in two
+    assert len(five) == 5 and five[0] == [0, 0] and all(s in five for s in two)
+    for shifts in (five, two):  # the mean crop centre is the cell centre
+        assert np.asarray(shifts).sum(axis=0).tolist() == [0, 0]
+    # without a jitter the crop set does not matter: the centred crop only
+    assert RecipeConfig(verify_jitter_px=0, verify_crops="diag2").verify_shifts() == [[0, 0]]
+
+
+def test_bundle_metadata_and_card_follow_the_verifier_crop_set(tiny_run):
+    from models.bundle_export import _description, bundle_metadata
+
+    out, _, _ = tiny_run
+    config = json.loads((out / "config.json").read_text())
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    base = {"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "verify_top": 16}
+    for crops, shifts, words in (("diag5", 5, "5 crops (centred and moved 12 px along each diagonal)"),
+                                 ("diag2", 2, "2 crops (with its centre moved 12 px along the main "
+                                              "diagonal, both ways)")):
+        cfg = {**config, "verify_jitter_px": 12, "verify_crops": crops}
+        assert len(bundle_metadata(cfg, evaluation)["pipeline"]["verify_shifts"]) == shifts
+        assert words in _description({**base, "verify_jitter_px": 12, "verify_crops": crops})
+    # a run from before verify_crops existed read the five crops
+    old = {k: v for k, v in config.items() if k != "verify_crops"}
+    assert len(bundle_metadata({**old, "verify_jitter_px": 12}, evaluation)["pipeline"]["verify_shifts"]) == 5
 
 
 def _synthetic_films(n=4, h=256, w=192, cell=32):
@@ -452,7 +484,9 @@ def test_bundle_description_follows_the_scanners_of_the_run():
     ("extra_args", "expected"),
     [(["--cv-only", "--bundle", "b"], "no bundle to export"),
      (["--scanner-extra", "MIAS"], "not a Mini-DDSM folder"),
-     (["--scanner-extra", "nowhere"], "not a Mini-DDSM folder")],
+     (["--scanner-extra", "nowhere"], "not a Mini-DDSM folder"),
+     (["--verify-crops", "diag3"], "invalid choice"),
+     (["--verify-jitter", "64"], "verify_jitter_px must be in")],
 )
 def test_recipe_cli_rejects_bad_options_before_training(extra_args, expected, mias_dir, tmp_path,
                                                         monkeypatch, capsys):

@@ -71,10 +71,10 @@ def _description(config: dict[str, Any]) -> str:
                  "of both readings.")
     jitter = int(config.get("verify_jitter_px", 0))
     if verify and jitter:
-        crops = verify_shifts(jitter, config.get("verify_crops", "diag5"))
-        where = ("centred and moved" if [0, 0] in crops else "with its centre moved")
-        scan += (f" The verifier reads each cell from {len(crops)} crops ({where} {jitter} px "
-                 f"along {'each diagonal' if len(crops) > 3 else 'the main diagonal, both ways'}) "
+        crops = config.get("verify_crops", "diag5")  # runs from before the key read five crops
+        how = {"diag5": f"centred and moved {jitter} px along each diagonal",
+               "diag2": f"with its centre moved {jitter} px along the main diagonal, both ways"}[crops]
+        scan += (f" The verifier reads each cell from {len(verify_shifts(jitter, crops))} crops ({how}) "
                  "and averages them.")
     if config.get("tta_flip"):
         scan += (" Segmenter and verifier also read the film mirrored left-right and average the "

@@ -27,10 +27,10 @@ class RunError(ValueError):
     """A run folder that cannot be exported; the message says which and why."""
 
 
-def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_run(run: Path, files: tuple[str, ...] = RUN_FILES) -> tuple[dict[str, Any], dict[str, Any]]:
     if not run.is_dir():
         raise RunError(f"{run}: no such run folder")
-    missing = [f for f in RUN_FILES if not (run / f).is_file()]
+    missing = [f for f in files if not (run / f).is_file()]
     if missing:
         raise RunError(f"{run}: not a finished run of the bundle recipe (missing {', '.join(missing)})")
     try:
@@ -104,8 +104,83 @@ def _single_film_stage(evaluation: dict[str, Any]) -> dict[str, Any] | None:
     return stage if stage and stage.get("shipped") and stage.get("params") else None
 
 
-def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
-    """``model.json``'s content that the export does not compute itself."""
+def _shipped_reports(evaluation: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The reports of what a run's bundle shows: a film beside the other breast (None without
+    the bilateral stage) and a film alone."""
+    reports = evaluation["reports"]
+    alone = (reports["lesion_multibranch_single_film"] if _single_film_stage(evaluation)
+             else reports["lesion_multibranch_calibrated"])
+    pair = reports["lesion_multibranch_bilateral"] if evaluation.get("bilateral") else None
+    return pair, alone
+
+
+def read_replicates(config: dict[str, Any], evaluation: dict[str, Any],
+                    runs: list[Path]) -> list[tuple[int, dict[str, Any]]]:
+    """``(seed, evaluation)`` of each replicate run: the exported run's recipe on another fold
+    split (``python -m models.bundle_recipe --seed N --cv-only``). Anything else is refused:
+    a run of another recipe, of the same seed (the same folds, so the same figures), or on other
+    films."""
+    seeds = {int(config.get("seed", 0)): "the exported run"}
+    out = []
+    for run in runs:
+        run = Path(run)
+        rconfig, revaluation = _read_run(run, ("config.json", "evaluation.json"))
+        differs = sorted(k for k in set(config) | set(rconfig)
+                         if k != "seed" and config.get(k) != rconfig.get(k))
+        if differs:
+            raise RunError(f"{run}: not a replicate of the exported run's recipe (it differs in "
+                           f"{', '.join(differs)})")
+        seed = int(rconfig.get("seed", 0))
+        if seed in seeds:
+            raise RunError(f"{run}: seed {seed} gives the same fold split as {seeds[seed]}; a "
+                           "replicate needs another --seed")
+        if (revaluation.get("n_films"), revaluation.get("n_patients")) != (
+                evaluation.get("n_films"), evaluation.get("n_patients")):
+            raise RunError(f"{run}: evaluated on {revaluation.get('n_films')} films of "
+                           f"{revaluation.get('n_patients')} women, the exported run on "
+                           f"{evaluation.get('n_films')} of {evaluation.get('n_patients')}")
+        if "reports" not in revaluation or "lesion_multibranch_calibrated" not in revaluation["reports"]:
+            raise RunError(f"{run}: its evaluation.json has no figures of the recipe")
+        seeds[seed] = str(run)
+        out.append((seed, revaluation))
+    return out
+
+
+def _replicate_section(config: dict[str, Any], evaluation: dict[str, Any],
+                       replicates: list[tuple[int, dict[str, Any]]]) -> tuple[dict[str, Any], str]:
+    """``evaluation.other_fold_splits`` (the replicates' reports, by split) and the limitation
+    that compares them with the exported run's figures."""
+    section: dict[str, Any] = {}
+    for seed, rev in replicates:
+        pair, alone = _shipped_reports(rev)
+        if pair is not None:
+            section[f"fold split seed {seed}: film beside the other breast"] = pair
+        section[f"fold split seed {seed}: film alone"] = alone
+        section[f"fold split seed {seed}: patch scan (top cells)"] = rev["reports"]["patch_scan"]
+        section[f"fold split seed {seed}: seed-style whole-image multi-branch"] = rev["reports"]["seed_multibranch"]
+    pair, alone = _shipped_reports(evaluation)
+    head, what = (pair, "a film read beside the other breast") if pair is not None else (alone, "a film")
+    runs = [(int(config.get("seed", 0)), head)]
+    for seed, rev in replicates:
+        p, a = _shipped_reports(rev)
+        runs.append((seed, p if pair is not None and p is not None else a))
+    keys = (("cancer AUC", lambda r: r["per_class"]["Cancer"]["auc"]["value"]),
+            ("macro AUC", lambda r: r["macro_auc"]["value"]),
+            ("balanced accuracy", lambda r: r["balanced_accuracy"]["value"]))
+    by_split = "; ".join(
+        f"{name} " + ", ".join(f"{get(r):.3f} (seed {s})" for s, r in runs)
+        + f", mean {sum(get(r) for _, r in runs) / len(runs):.3f}" for name, get in keys)
+    text = (f"The figures above are of one fold split (seed {runs[0][0]}). The same recipe cross-"
+            f"validated on {len(replicates)} other split{'s' if len(replicates) > 1 else ''} of the "
+            f"same films (evaluation.other_fold_splits), for {what}: {by_split}. The choice of split "
+            "alone moves the figures this much; the mean over splits is the better estimate.")
+    return section, text
+
+
+def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any],
+                    replicates: list[tuple[int, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """``model.json``'s content that the export does not compute itself; ``replicates`` are
+    :func:`read_replicates`' runs of the same recipe on other fold splits."""
     from models.export import MIAS
 
     reports = evaluation["reports"]
@@ -164,6 +239,11 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
     else:
         figures["classifier"] = alone
     figures["classifier_before_temperature"] = reports["lesion_multibranch"]
+    split_limits = []
+    other_splits = {}
+    if replicates:
+        other_splits, split_text = _replicate_section(config, evaluation, replicates)
+        split_limits.append(split_text)
     return {
         "name": BUNDLE_NAME,
         "version": BUNDLE_VERSION,
@@ -188,6 +268,7 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
                 "seed-style whole-image multi-branch": reports["seed_multibranch"],
                 "patch scan (top cells of the segmenter)": reports["patch_scan"],
             },
+            **({"other_fold_splits": other_splits} if other_splits else {}),
             "segmenter": seg,
             "calibration": evaluation.get("calibration", {
                 "method": "temperature fitted on the out-of-fold probabilities"}),
@@ -199,6 +280,7 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
             "Trained and evaluated on 258 digitised film MLO mammograms (MIAS) only; expect lower "
             "performance on digital mammograms, CC views and other populations.",
             "The figures come from a small data set: the intervals are wide.",
+            *split_limits,
             "Design choices were made on these same folds (the head's prior + correction among "
             "four heads in 1.1.0; the scanner without hard-negative mining, which gave macro AUC "
             "0.657 against 0.673 in a separate run; two scale-1 scanners averaged, which read "
@@ -268,8 +350,10 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any]) -> dict[
     }
 
 
-def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False) -> Path:
-    """Export one recipe run as a bundle folder (checksummed, LiteRT parity checked)."""
+def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False,
+                replicates: list[Path] | None = None) -> Path:
+    """Export one recipe run as a bundle folder (checksummed, LiteRT parity checked), with the
+    figures of its ``replicates`` (the same recipe on other fold splits, cross-validation only)."""
     import keras
 
     from models.export import write_bundle
@@ -278,6 +362,7 @@ def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False) -> Pat
         raise RunError("give exactly one run of the bundle recipe (it holds both models)")
     run = Path(runs[0])
     config, evaluation = _read_run(run)
+    other = read_replicates(config, evaluation, list(replicates or []))  # refused before any work
     classifier = keras.models.load_model(run / "classifier.keras", compile=False)
     segmenter = keras.models.load_model(run / "segmenter.keras", compile=False)
     verifier = None
@@ -285,5 +370,5 @@ def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False) -> Pat
         if not (run / "verifier.keras").is_file():
             raise RunError(f"{run}: the run re-reads its top cells but has no verifier.keras")
         verifier = keras.models.load_model(run / "verifier.keras", compile=False)
-    meta = bundle_metadata(config, evaluation)
+    meta = bundle_metadata(config, evaluation, other)
     return write_bundle(out_dir, classifier, segmenter, meta, overwrite=overwrite, verifier_model=verifier)

@@ -130,6 +130,8 @@ class RecipeConfig:
         object.__setattr__(self, "scan_scales", tuple(int(s) for s in self.scan_scales))
         if not self.scan_scales or any(s < 1 for s in self.scan_scales):
             raise ValueError(f"scan_scales must be positive integers, got {self.scan_scales}")
+        if not 0 <= self.seed <= 1_000_000:  # fold and scanner seeds are offsets from it
+            raise ValueError(f"seed must be in [0, 1000000], got {self.seed}")
         if self.verify_top < 0:
             raise ValueError(f"verify_top must be 0 (off) or positive, got {self.verify_top}")
         if self.verify_top and set(self.scan_scales) != {1}:
@@ -1023,6 +1025,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scan-epochs", type=int, default=RecipeConfig.scan_epochs)
     p.add_argument("--scan-scales", type=int, nargs="+", default=list(RecipeConfig.scan_scales),
                    metavar="S", help="one patch scanner per scale (canvas downsampling factor)")
+    p.add_argument("--seed", type=int, default=RecipeConfig.seed,
+                   help="the fold split and every training seed; another seed with --cv-only gives "
+                        "a replicate of the recipe's figures on another split (mammolab export "
+                        "--replicate)")
     p.add_argument("--every", type=int, default=1, help="use every N-th film (smoke runs only)")
     p.add_argument("--keep-folds", action="store_true",
                    help="save each fold's scanners and raw cell maps under OUT/folds/ (for studies)")
@@ -1044,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--cv-only trains no final models, so there is no bundle to export")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = RecipeConfig(folds=args.folds, cls_epochs=args.cls_epochs, scan_epochs=args.scan_epochs,
+        cfg = RecipeConfig(seed=args.seed, folds=args.folds, cls_epochs=args.cls_epochs, scan_epochs=args.scan_epochs,
                            scan_scales=tuple(args.scan_scales), tta_flip=args.tta_flip,
                            verify_jitter_px=args.verify_jitter, verify_crops=args.verify_crops)
     except ValueError as e:

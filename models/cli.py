@@ -2,7 +2,7 @@
 
     mammolab train --arch NAME --data PATH [--config FILE.json] [options]
     mammolab evaluate RUN [--data PATH]
-    mammolab export RUN... OUT_DIR [--overwrite]
+    mammolab export RUN... OUT_DIR [--overwrite] [--replicate RUN]
 
 Exit codes: 0 success; 2 a usage or data error, reported in one line (a missing folder, an
 unreadable image, a bad config or setting, a run that cannot be exported); 1 a run that failed
@@ -235,6 +235,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--replicate", action="append", default=[], metavar="RUN",
+                   help="a run of the same recipe on another fold split (python -m "
+                        "models.bundle_recipe --seed N --cv-only); its figures go into the model "
+                        "card beside the run's own (repeatable)")
     return p
 
 
@@ -242,7 +246,8 @@ def _export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     runs = [Path(r) for r in args.runs]
     out_dir = Path(args.out_dir)
-    missing = [r for r in runs if not r.is_dir()]
+    replicates = [Path(r) for r in args.replicate]
+    missing = [r for r in (*runs, *replicates) if not r.is_dir()]
     if missing:
         print(f"mammolab export: no such run folder: {missing[0]}", file=sys.stderr)
         return 2
@@ -262,7 +267,7 @@ def _export(argv: list[str]) -> int:
     except ImportError:
         pass
     try:
-        bundle = export_runs(runs, out_dir, overwrite=args.overwrite)
+        bundle = export_runs(runs, out_dir, overwrite=args.overwrite, replicates=replicates)
     except not_exportable as exc:
         return _fail("export", exc, 2)
     except Exception:

@@ -307,6 +307,87 @@ def test_bundle_metadata_and_card_follow_the_verifier_crop_set(tiny_run):
     assert len(bundle_metadata({**old, "verify_jitter_px": 12}, evaluation)["pipeline"]["verify_shifts"]) == 5
 
 
+def _replicate_of(tiny_run, root, seed=7, **config_changes):
+    """A copy of the tiny run's config and evaluation as a cross-validation-only run of another
+    seed, its pair figures lowered so that they cannot be mistaken for the run's own."""
+    out, _, _ = tiny_run
+    config = {**json.loads((out / "config.json").read_text()), "seed": seed, **config_changes}
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    for report in evaluation["reports"].values():
+        report["per_class"]["Cancer"]["auc"]["value"] = 0.25
+        report["macro_auc"]["value"] = 0.5
+        report["balanced_accuracy"]["value"] = 0.125
+    rep = root / f"seed{seed}"
+    rep.mkdir()
+    (rep / "config.json").write_text(json.dumps(config))
+    (rep / "evaluation.json").write_text(json.dumps(evaluation))
+    return rep
+
+
+def test_replicate_figures_go_into_the_card_beside_the_run_own(tiny_run, tmp_path):
+    from models.bundle_export import bundle_metadata, read_replicates
+    from models.export import render_model_card, validate_metadata
+
+    out, _, _ = tiny_run
+    config = json.loads((out / "config.json").read_text())
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    reps = read_replicates(config, evaluation, [_replicate_of(tiny_run, tmp_path, 7),
+                                                _replicate_of(tiny_run, tmp_path, 8)])
+    assert [seed for seed, _ in reps] == [7, 8]
+    meta = bundle_metadata(config, evaluation, reps)
+    validate_metadata(meta)
+    splits = meta["evaluation"]["other_fold_splits"]
+    assert splits["fold split seed 7: film beside the other breast"]["macro_auc"]["value"] == 0.5
+    assert {"fold split seed 8: patch scan (top cells)", "fold split seed 8: film alone",
+            "fold split seed 8: seed-style whole-image multi-branch"} <= set(splits)
+    # The limitation compares the pair's figures split by split, with their mean.
+    own = evaluation["reports"]["lesion_multibranch_bilateral"]["per_class"]["Cancer"]["auc"]["value"]
+    text, = [x for x in meta["limitations"] if "other splits" in x]
+    assert f"cancer AUC {own:.3f} (seed 0), 0.250 (seed 7), 0.250 (seed 8), mean {(own + 0.5) / 3:.3f}" in text
+    card = render_model_card(meta)
+    assert "### other_fold_splits" in card and "| fold split seed 7: film beside the other breast | " in card
+    # Without replicates nothing of the kind is claimed.
+    plain = bundle_metadata(config, evaluation)
+    assert "other_fold_splits" not in plain["evaluation"]
+    assert not any("fold split" in x for x in plain["limitations"])
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [(lambda r, t: _replicate_of(r, t, 0), "seed 0 gives the same fold split as the exported run"),
+     (lambda r, t: _replicate_of(r, t, 3, verify_crops="diag5", folds=3),
+      "not a replicate of the exported run's recipe (it differs in folds, verify_crops)"),
+     (lambda r, t: t / "nowhere", "no such run folder"),
+     (lambda r, t: (t / "empty").mkdir() or t / "empty", "missing config.json, evaluation.json")],
+    ids=["same-seed", "other-recipe", "missing", "empty"],
+)
+def test_export_refuses_a_replicate_that_is_not_one_before_writing(tiny_run, tmp_path, capsys, make,
+                                                                   expected):
+    from core.cli import main
+
+    out, _, _ = tiny_run
+    rep = make(tiny_run, tmp_path)
+    rc = main(["export", str(out), str(tmp_path / "bundle"), "--replicate", str(rep)])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_export_refuses_a_replicate_on_other_films(tiny_run, tmp_path):
+    from models.bundle_export import RunError, read_replicates
+
+    out, _, _ = tiny_run
+    config = json.loads((out / "config.json").read_text())
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    rep = _replicate_of(tiny_run, tmp_path, 5)
+    (rep / "evaluation.json").write_text(json.dumps({**evaluation, "n_films": evaluation["n_films"] + 2}))
+    with pytest.raises(RunError, match=f"evaluated on {evaluation['n_films'] + 2} films"):
+        read_replicates(config, evaluation, [rep])
+    (rep / "evaluation.json").write_text("{")
+    with pytest.raises(RunError, match="unreadable run files"):
+        read_replicates(config, evaluation, [rep])
+
+
 def _synthetic_films(n=4, h=256, w=192, cell=32):
     """Films with one bright disk lesion on film 0 (benign) and film 1 (malignant)."""
     from models.bundle_recipe import Films
@@ -486,7 +567,8 @@ def test_bundle_description_follows_the_scanners_of_the_run():
      (["--scanner-extra", "MIAS"], "not a Mini-DDSM folder"),
      (["--scanner-extra", "nowhere"], "not a Mini-DDSM folder"),
      (["--verify-crops", "diag3"], "invalid choice"),
-     (["--verify-jitter", "64"], "verify_jitter_px must be in")],
+     (["--verify-jitter", "64"], "verify_jitter_px must be in"),
+     (["--seed", "-1"], "seed must be in [0, 1000000]")],
 )
 def test_recipe_cli_rejects_bad_options_before_training(extra_args, expected, mias_dir, tmp_path,
                                                         monkeypatch, capsys):
@@ -509,5 +591,10 @@ def test_recipe_cli_hands_the_extra_films_and_cv_only_to_the_run(miniddsm_dir, m
     monkeypatch.setattr(bundle_recipe, "run", lambda *a: calls.append(a) or {})
     assert bundle_recipe.main(["--data", str(mias_dir.parent), "--out", str(tmp_path / "run"),
                                "--scanner-extra", str(miniddsm_dir), "--cv-only"]) == 0
-    (_, out, bundle, _, every, keep, extra, cv_only), = calls
+    (_, out, bundle, cfg, every, keep, extra, cv_only), = calls
     assert extra == miniddsm_dir and cv_only and bundle is None and not keep and every == 1
+    assert cfg.seed == 0
+    calls.clear()
+    assert bundle_recipe.main(["--data", str(mias_dir.parent), "--out", str(tmp_path / "run"),
+                               "--seed", "3", "--cv-only"]) == 0
+    assert calls[0][3].seed == 3

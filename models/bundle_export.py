@@ -141,6 +141,11 @@ def read_replicates(config: dict[str, Any], evaluation: dict[str, Any],
                            f"{evaluation.get('n_films')} of {evaluation.get('n_patients')}")
         if "reports" not in revaluation or "lesion_multibranch_calibrated" not in revaluation["reports"]:
             raise RunError(f"{run}: its evaluation.json has no figures of the recipe")
+        if bool(revaluation.get("bilateral")) != bool(evaluation.get("bilateral")):
+            raise RunError(f"{run}: " + ("it has no bilateral stage and the exported run has one"
+                                         if evaluation.get("bilateral") else
+                                         "it has a bilateral stage and the exported run has none")
+                           + ", so their figures are not of the same reading")
         seeds[seed] = str(run)
         out.append((seed, revaluation))
     return out
@@ -163,7 +168,7 @@ def _replicate_section(config: dict[str, Any], evaluation: dict[str, Any],
     runs = [(int(config.get("seed", 0)), head)]
     for seed, rev in replicates:
         p, a = _shipped_reports(rev)
-        runs.append((seed, p if pair is not None and p is not None else a))
+        runs.append((seed, a if pair is None else p))
     keys = (("cancer AUC", lambda r: r["per_class"]["Cancer"]["auc"]["value"]),
             ("macro AUC", lambda r: r["macro_auc"]["value"]),
             ("balanced accuracy", lambda r: r["balanced_accuracy"]["value"]))

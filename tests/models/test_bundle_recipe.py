@@ -373,7 +373,7 @@ def test_export_refuses_a_replicate_that_is_not_one_before_writing(tiny_run, tmp
     assert not (tmp_path / "bundle").exists()
 
 
-def test_export_refuses_a_replicate_on_other_films(tiny_run, tmp_path):
+def test_export_refuses_a_replicate_on_other_films_or_another_reading(tiny_run, tmp_path):
     from models.bundle_export import RunError, read_replicates
 
     out, _, _ = tiny_run
@@ -382,6 +382,9 @@ def test_export_refuses_a_replicate_on_other_films(tiny_run, tmp_path):
     rep = _replicate_of(tiny_run, tmp_path, 5)
     (rep / "evaluation.json").write_text(json.dumps({**evaluation, "n_films": evaluation["n_films"] + 2}))
     with pytest.raises(RunError, match=f"evaluated on {evaluation['n_films'] + 2} films"):
+        read_replicates(config, evaluation, [rep])
+    (rep / "evaluation.json").write_text(json.dumps({**evaluation, "bilateral": None}))
+    with pytest.raises(RunError, match="it has no bilateral stage and the exported run has one"):
         read_replicates(config, evaluation, [rep])
     (rep / "evaluation.json").write_text("{")
     with pytest.raises(RunError, match="unreadable run files"):

@@ -20,7 +20,7 @@ help:
 	@echo "make test     install everything the tests need and run the whole suite headless"
 	@echo "make lint     ruff"
 	@echo "make train    retrain the bundled models from ../shared/data (about 60-70 min on 2 cores)"
-	@echo "make replicate  after make train: the recipe on a second fold split (about 45 min), its"
+	@echo "make replicate  after make train: the recipe on two more fold splits (about 90 min), their"
 	@echo "               figures added to the bundle's model card (the shipped bundle has them)"
 	@echo "make bench    speed benchmarks (ratios measured in one run)"
 	@echo "make package  build the standalone app with PyInstaller"
@@ -66,8 +66,11 @@ train: $(VENV)/.all
 # re-exported from runs/bundled with those figures beside its own.
 replicate: $(VENV)/.all
 	@test -f runs/bundled/classifier.keras || { echo "make replicate: no runs/bundled; run make train first" >&2; exit 2; }
-	$(PY) -m models.bundle_recipe --data ../shared/data --out runs/replicate-seed1 --seed 1 --cv-only
-	$(VENV)/bin/mammolab export runs/bundled models/bundled --overwrite --replicate runs/replicate-seed1
+	for s in 1 2; do \
+	  $(PY) -m models.bundle_recipe --data ../shared/data --out runs/replicate-seed$$s --seed $$s --cv-only || exit 1; \
+	done
+	$(VENV)/bin/mammolab export runs/bundled models/bundled --overwrite \
+	  --replicate runs/replicate-seed1 --replicate runs/replicate-seed2
 
 bench: $(VENV)/.all
 	$(PY) tests/bench/bench_inference.py

@@ -62,8 +62,8 @@ lint: $(VENV)/.all
 train: $(VENV)/.all
 	$(PY) -m models.bundle_recipe --data ../shared/data --out runs/bundled --bundle models/bundled
 
-# The same recipe cross-validated on another fold split (no final models), then the bundle
-# re-exported from runs/bundled with those figures beside its own.
+# The same recipe cross-validated on two other fold splits (no final models), then the bundle
+# re-exported from runs/bundled with their figures beside its own.
 replicate: $(VENV)/.all
 	@test -f runs/bundled/classifier.keras || { echo "make replicate: no runs/bundled; run make train first" >&2; exit 2; }
 	for s in 1 2; do \

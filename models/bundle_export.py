@@ -139,8 +139,11 @@ def read_replicates(config: dict[str, Any], evaluation: dict[str, Any],
             raise RunError(f"{run}: evaluated on {revaluation.get('n_films')} films of "
                            f"{revaluation.get('n_patients')} women, the exported run on "
                            f"{evaluation.get('n_films')} of {evaluation.get('n_patients')}")
-        if "reports" not in revaluation or "lesion_multibranch_calibrated" not in revaluation["reports"]:
-            raise RunError(f"{run}: its evaluation.json has no figures of the recipe")
+        try:  # every report the card will show
+            _shipped_reports(revaluation)
+            revaluation["reports"]["patch_scan"], revaluation["reports"]["seed_multibranch"]
+        except (KeyError, TypeError):
+            raise RunError(f"{run}: its evaluation.json has no figures of the recipe") from None
         if bool(revaluation.get("bilateral")) != bool(evaluation.get("bilateral")):
             raise RunError(f"{run}: " + ("it has no bilateral stage and the exported run has one"
                                          if evaluation.get("bilateral") else
@@ -155,20 +158,18 @@ def _replicate_section(config: dict[str, Any], evaluation: dict[str, Any],
                        replicates: list[tuple[int, dict[str, Any]]]) -> tuple[dict[str, Any], str]:
     """``evaluation.other_fold_splits`` (the replicates' reports, by split) and the limitation
     that compares them with the exported run's figures."""
+    pair, alone = _shipped_reports(evaluation)
+    what = "a film read beside the other breast" if pair is not None else "a film"
+    runs = [(int(config.get("seed", 0)), alone if pair is None else pair)]
     section: dict[str, Any] = {}
     for seed, rev in replicates:
-        pair, alone = _shipped_reports(rev)
-        if pair is not None:
-            section[f"fold split seed {seed}: film beside the other breast"] = pair
-        section[f"fold split seed {seed}: film alone"] = alone
+        p, a = _shipped_reports(rev)  # read_replicates made sure both runs read pairs alike
+        if p is not None:
+            section[f"fold split seed {seed}: film beside the other breast"] = p
+        section[f"fold split seed {seed}: film alone"] = a
         section[f"fold split seed {seed}: patch scan (top cells)"] = rev["reports"]["patch_scan"]
         section[f"fold split seed {seed}: seed-style whole-image multi-branch"] = rev["reports"]["seed_multibranch"]
-    pair, alone = _shipped_reports(evaluation)
-    head, what = (pair, "a film read beside the other breast") if pair is not None else (alone, "a film")
-    runs = [(int(config.get("seed", 0)), head)]
-    for seed, rev in replicates:
-        p, a = _shipped_reports(rev)
-        runs.append((seed, a if pair is None else p))
+        runs.append((seed, a if p is None else p))
     keys = (("cancer AUC", lambda r: r["per_class"]["Cancer"]["auc"]["value"]),
             ("macro AUC", lambda r: r["macro_auc"]["value"]),
             ("balanced accuracy", lambda r: r["balanced_accuracy"]["value"]))
@@ -213,9 +214,8 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any],
     figures = {"data": data}
     decision = evaluation.get("decision")
     single = _single_film_stage(evaluation)
-    alone = reports["lesion_multibranch_calibrated"]
+    _, alone = _shipped_reports(evaluation)
     if single is not None:
-        alone = reports["lesion_multibranch_single_film"]
         pipeline["single_film"] = {
             **single["params"],
             "features": "log(P(Benign)/P(Normal)) and log(P(Cancer)/P(Normal)) of the film, from "

@@ -41,6 +41,14 @@ def _read_run(run: Path, files: tuple[str, ...] = RUN_FILES) -> tuple[dict[str, 
     return config, evaluation
 
 
+def _resolution_limitation(config: dict[str, Any]) -> str:
+    """How coarse the outlines are, from the run's cell and window sizes at the working resolution."""
+    mm = float(config.get("preprocessing", {}).get("target_spacing_mm", 0.2))
+    cell, window = config["cell_px"] * mm, config["patch_px"] * mm
+    return (f"The segmenter's cells are {cell:.1f} mm and each reads a {window:.1f} mm window: "
+            "outlines are coarse and fine calcifications are not delineated.")
+
+
 def _description(config: dict[str, Any]) -> str:
     scales = [int(s) for s in config.get("scan_scales", [1])]
     patch, cell = config["patch_px"], config["cell_px"]
@@ -307,8 +315,7 @@ def bundle_metadata(config: dict[str, Any], evaluation: dict[str, Any],
             "sample, whose malignant case reads Cancer alone and Normal as a pair); the app shows "
             "both readings.",
             *([_call_limitation(decision, single is not None)] if decision else []),
-            "The segmenter's cells are 6.4 mm and each reads a 25.6 mm window: outlines are coarse "
-            "and fine calcifications are not delineated.",
+            _resolution_limitation(config),
             "The shipped models were retrained on all films after cross-validation; the figures "
             "describe the recipe, estimated on held-out patients.",
             "Not a medical device. Not for diagnosis, screening or any clinical decision.",

@@ -272,7 +272,7 @@ def test_recipe_config_rejects_scales_that_do_not_tile_the_canvas():
         RecipeConfig(verify_top=-1)
     for bad in (-1, 64):  # a shift of half the 128 px patch or more is refused
         with pytest.raises(ValueError, match="verify_jitter_px"):
-            RecipeConfig(verify_jitter_px=bad)
+            RecipeConfig(patch_px=128, verify_jitter_px=bad)
     assert RecipeConfig(verify_jitter_px=0).verify_shifts() == [[0, 0]]
     with pytest.raises(ValueError, match="diag5, diag2"):
         RecipeConfig(verify_jitter_px=12, verify_crops="diag3")
@@ -562,6 +562,16 @@ def test_bundle_description_follows_the_scanners_of_the_run():
     assert "Verifier" not in two
     verified = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "verify_top": 16})
     assert "16 most lesion-like cells" in verified and "128 px patch" in verified
+
+
+def test_the_card_states_the_window_the_run_read():
+    from models.bundle_export import _resolution_limitation
+
+    default = _resolution_limitation({"patch_px": 128, "cell_px": 32})
+    assert "cells are 6.4 mm" in default and "a 25.6 mm window" in default
+    finer = _resolution_limitation({"patch_px": 160, "cell_px": 32,
+                                    "preprocessing": {"target_spacing_mm": 0.1}})
+    assert "cells are 3.2 mm" in finer and "a 16.0 mm window" in finer
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ def _read_run(run: Path, files: tuple[str, ...] = RUN_FILES) -> tuple[dict[str, 
 
 def _resolution_limitation(config: dict[str, Any]) -> str:
     """How coarse the outlines are, from the run's cell and window sizes at the working resolution."""
-    mm = float(config.get("preprocessing", {}).get("target_spacing_mm", 0.2))
+    mm = PreprocessConfig.from_dict(config.get("preprocessing", {})).target_spacing_mm
     cell, window = config["cell_px"] * mm, config["patch_px"] * mm
     return (f"The segmenter's cells are {cell:.1f} mm and each reads a {window:.1f} mm window: "
             "outlines are coarse and fine calcifications are not delineated.")

@@ -87,10 +87,15 @@ def _description(config: dict[str, Any]) -> str:
     if config.get("tta_flip"):
         scan += (" Segmenter and verifier also read the film mirrored left-right and average the "
                  "mirrored reading with the direct one.")
-    return scan + (" Multi-branch classifier: a narrow CNN on the whole breast at low resolution "
-                   "beside Lite0 on the top candidate patches at native resolution and the "
-                   "candidates' cell probabilities -> Dense(128) -> Dropout(0.5) -> a correction "
-                   "added to the log of the patch-scan reading of the cell map -> softmax.")
+    scan += (" Multi-branch classifier: a narrow CNN on the whole breast at low resolution "
+             "beside Lite0 on the top candidate patches at native resolution and the "
+             "candidates' cell probabilities -> Dense(128) -> Dropout(0.5) -> a correction "
+             "added to the log of the patch-scan reading of the cell map -> softmax.")
+    bag = int(config.get("head_bag", 1))
+    if bag > 1:
+        scan += (f" The classifier carries {bag} such heads, fitted with different seeds on the same "
+                 "inputs, and averages their probabilities.")
+    return scan
 
 
 def _call_limitation(decision: dict[str, Any], single_film: bool) -> str:

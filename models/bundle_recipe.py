@@ -120,6 +120,9 @@ class RecipeConfig:
     verify_jitter_px: int = 12
     verify_crops: str = "diag2"
     cls_epochs: int = 5
+    # Class heads fitted per fold (and for the final model), each with its own seed, and their
+    # probabilities averaged: a bag of the small head on the same scanners' readings.
+    head_bag: int = 1
     use_prior: bool = True  # the head corrects the patch-scan reading instead of replacing it
     baseline_px: int = 224
     mask_threshold: float = 0.5
@@ -132,6 +135,8 @@ class RecipeConfig:
             raise ValueError(f"scan_scales must be positive integers, got {self.scan_scales}")
         if not 0 <= self.seed <= 1_000_000:  # fold and scanner seeds are offsets from it
             raise ValueError(f"seed must be in [0, 1000000], got {self.seed}")
+        if self.head_bag < 1:
+            raise ValueError(f"head_bag must be at least 1, got {self.head_bag}")
         if self.verify_top < 0:
             raise ValueError(f"verify_top must be 0 (off) or positive, got {self.verify_top}")
         if self.verify_top and set(self.scan_scales) != {1}:
@@ -727,6 +732,35 @@ def fit_head(head, inputs: list[np.ndarray], y: np.ndarray, cfg: RecipeConfig, s
     return history
 
 
+def head_seed(seed: int, j: int) -> int:
+    """The seed of the j-th head of a bag (the first keeps the single head's seed)."""
+    return seed + 10_007 * j
+
+
+def fit_heads(cfg: RecipeConfig, inputs: list[np.ndarray], y: np.ndarray, seed: int) -> tuple[list, dict]:
+    """``cfg.head_bag`` class heads on the same inputs, each from its own seed; the first one's
+    training history."""
+    heads, first = [], None
+    for j in range(cfg.head_bag):
+        head = build_classifier_head(cfg, name=f"multibranch_head{j}" if cfg.head_bag > 1 else "multibranch_head")
+        hist = fit_head(head, inputs, y, cfg, head_seed(seed, j))
+        heads.append(head)
+        first = first or hist
+    return heads, first
+
+
+def bag_heads(cfg: RecipeConfig, heads: list):
+    """One head model whose probabilities are the mean of the heads' (the head itself if alone)."""
+    import keras
+    from keras import layers
+
+    if len(heads) == 1:
+        return heads[0]
+    ins = [keras.Input(t.shape[1:], name=t.name.split(":")[0]) for t in heads[0].inputs]
+    outs = [h(ins) for h in heads]
+    return keras.Model(ins, layers.Average(name="bag_mean")(outs), name="multibranch_head")
+
+
 def patch_scan_probs(probs: np.ndarray, breast: np.ndarray) -> np.ndarray:
     """The patch-scan reading of every film (:func:`core.inference.scan_prior`), (N, 3)."""
     return np.stack([scan_prior(probs[i], breast[i]) for i in range(len(probs))]).astype(np.float64)
@@ -933,10 +967,12 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         pf = patch_features(patch_stack(films, cands, cfg), patch_backbone)
         scores = np.stack([c.scores for c in cands])
         prior = patch_scan_probs(probs_all, films.cell_breast)
-        head = build_classifier_head(cfg)
-        hist = fit_head(head, _classifier_inputs(films, pf, scores, prior, tr, cfg), y[tr], cfg, cfg.seed + fold)
-        oof["lesion_multibranch"][te] = head.predict(_classifier_inputs(films, pf, scores, prior, te, cfg),
-                                                     verbose=0)
+        heads, hist = fit_heads(cfg, _classifier_inputs(films, pf, scores, prior, tr, cfg), y[tr], cfg.seed + fold)
+        per_head = np.stack([h.predict(_classifier_inputs(films, pf, scores, prior, te, cfg), verbose=0)
+                             for h in heads], axis=1)
+        oof["lesion_multibranch"][te] = per_head.mean(axis=1)
+        if cfg.head_bag > 1:  # each head's own reading, to compare the bag with its members
+            oof.setdefault("lesion_multibranch_per_head", np.zeros((n, cfg.head_bag, 3)))[te] = per_head
         base = build_baseline_head(cfg)
         fit_head(base, [films.globals_[tr, ..., None], whole_feats[tr]], y[tr], cfg, cfg.seed + fold)
         oof["seed_multibranch"][te] = base.predict([films.globals_[te, ..., None], whole_feats[te]], verbose=0)
@@ -996,9 +1032,8 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     pf = patch_features(patch_stack(films, cands, cfg), patch_backbone)
     scores = np.stack([c.scores for c in cands])
     prior = patch_scan_probs(probs_all, films.cell_breast)
-    head = build_classifier_head(cfg)
-    final_hist = fit_head(head, _classifier_inputs(films, pf, scores, prior, slice(None), cfg), y, cfg, cfg.seed)
-    classifier = build_classifier(cfg, head)
+    heads, final_hist = fit_heads(cfg, _classifier_inputs(films, pf, scores, prior, slice(None), cfg), y, cfg.seed)
+    classifier = build_classifier(cfg, bag_heads(cfg, heads))
     classifier.save(out / "classifier.keras")
     segmenter.save(out / "segmenter.keras")
     if verifier is not None:
@@ -1022,6 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=None, help="export the bundle here")
     p.add_argument("--folds", type=int, default=RecipeConfig.folds)
     p.add_argument("--cls-epochs", type=int, default=RecipeConfig.cls_epochs)
+    p.add_argument("--head-bag", type=int, default=RecipeConfig.head_bag, metavar="N",
+                   help="class heads fitted per fold and finally, their probabilities averaged")
     p.add_argument("--scan-epochs", type=int, default=RecipeConfig.scan_epochs)
     p.add_argument("--scan-scales", type=int, nargs="+", default=list(RecipeConfig.scan_scales),
                    metavar="S", help="one patch scanner per scale (canvas downsampling factor)")
@@ -1051,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = RecipeConfig(seed=args.seed, folds=args.folds, cls_epochs=args.cls_epochs, scan_epochs=args.scan_epochs,
-                           scan_scales=tuple(args.scan_scales), tta_flip=args.tta_flip,
+                           head_bag=args.head_bag, scan_scales=tuple(args.scan_scales), tta_flip=args.tta_flip,
                            verify_jitter_px=args.verify_jitter, verify_crops=args.verify_crops)
     except ValueError as e:
         p.error(str(e))

@@ -276,6 +276,37 @@ def test_recipe_config_rejects_scales_that_do_not_tile_the_canvas():
     assert RecipeConfig(verify_jitter_px=0).verify_shifts() == [[0, 0]]
     with pytest.raises(ValueError, match="diag5, diag2"):
         RecipeConfig(verify_jitter_px=12, verify_crops="diag3")
+    with pytest.raises(ValueError, match="head_bag"):
+        RecipeConfig(head_bag=0)
+
+
+def test_a_bag_of_heads_reads_the_mean_of_its_differently_seeded_heads():
+    from models.bundle_recipe import FEATURES, bag_heads, build_classifier, fit_heads, head_seed
+
+    cfg = RecipeConfig(global_px=32, patch_px=32, top_k=2, cls_epochs=1, head_bag=3)
+    rng = np.random.default_rng(0)
+    n = 12
+    inputs = [rng.random((n, 32, 32, 1), np.float32), rng.random((n, 2, FEATURES), np.float32),
+              rng.random((n, 2, 3), np.float32), np.log(rng.dirichlet(np.ones(3), n)).astype(np.float32)]
+    y = np.arange(n) % 3
+    heads, history = fit_heads(cfg, inputs, y, seed=5)
+    assert len(heads) == 3 and len(history["loss"]) == 1
+    each = np.stack([h.predict(inputs, verbose=0) for h in heads])
+    assert np.abs(each[0] - each[1]).max() > 1e-4  # their own seeds: not three copies of one head
+    bag = bag_heads(cfg, heads)
+    np.testing.assert_allclose(bag.predict(inputs, verbose=0), each.mean(axis=0), atol=1e-6)
+    # The first head is trained as the single head is, from the same seed.
+    assert head_seed(5, 0) == 5 and len({head_seed(5, j) for j in range(3)}) == 3
+    single, _ = fit_heads(RecipeConfig(global_px=32, patch_px=32, top_k=2, cls_epochs=1), inputs, y, seed=5)
+    assert len(single) == 1 and bag_heads(cfg, single) is single[0]
+    # The exported classifier carries the bag: its patches go through Lite0 to the same mean.
+    classifier = build_classifier(cfg, bag)
+    patches = rng.random((2, 2, 32, 32, 1), np.float32)
+    feats = np.asarray(classifier.get_layer("per_patch")(patches))
+    want = np.mean([h.predict([inputs[0][:2], feats, inputs[2][:2], inputs[3][:2]], verbose=0) for h in heads],
+                   axis=0)
+    got = classifier.predict([inputs[0][:2], patches, inputs[2][:2], inputs[3][:2]], verbose=0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_verify_crop_sets_are_symmetric_about_the_cell_centre():
@@ -562,6 +593,9 @@ def test_bundle_description_follows_the_scanners_of_the_run():
     assert "Verifier" not in two
     verified = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "verify_top": 16})
     assert "16 most lesion-like cells" in verified and "128 px patch" in verified
+    assert "heads" not in verified
+    bagged = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "head_bag": 8})
+    assert "carries 8 such heads" in bagged and bagged.startswith(two)
 
 
 def test_the_card_states_the_window_the_run_read():

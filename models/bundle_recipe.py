@@ -751,7 +751,7 @@ def fit_heads(cfg: RecipeConfig, inputs: list[np.ndarray], y: np.ndarray, seed: 
     return heads, first
 
 
-def bag_heads(cfg: RecipeConfig, heads: list):
+def bag_heads(heads: list):
     """One head model whose probabilities are the mean of the heads' (the head itself if alone)."""
     import keras
     from keras import layers
@@ -970,8 +970,8 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
         scores = np.stack([c.scores for c in cands])
         prior = patch_scan_probs(probs_all, films.cell_breast)
         heads, hist = fit_heads(cfg, _classifier_inputs(films, pf, scores, prior, tr, cfg), y[tr], cfg.seed + fold)
-        per_head = np.stack([h.predict(_classifier_inputs(films, pf, scores, prior, te, cfg), verbose=0)
-                             for h in heads], axis=1)
+        held_out = _classifier_inputs(films, pf, scores, prior, te, cfg)
+        per_head = np.stack([h.predict(held_out, verbose=0) for h in heads], axis=1)
         oof["lesion_multibranch"][te] = per_head.mean(axis=1)
         if cfg.head_bag > 1:  # each head's own reading, to compare the bag with its members
             oof.setdefault("lesion_multibranch_per_head", np.zeros((n, cfg.head_bag, 3)))[te] = per_head
@@ -1035,7 +1035,7 @@ def run(data_root: Path, out: Path, bundle: Path | None, cfg: RecipeConfig,
     scores = np.stack([c.scores for c in cands])
     prior = patch_scan_probs(probs_all, films.cell_breast)
     heads, final_hist = fit_heads(cfg, _classifier_inputs(films, pf, scores, prior, slice(None), cfg), y, cfg.seed)
-    classifier = build_classifier(cfg, bag_heads(cfg, heads))
+    classifier = build_classifier(cfg, bag_heads(heads))
     classifier.save(out / "classifier.keras")
     segmenter.save(out / "segmenter.keras")
     if verifier is not None:

@@ -293,12 +293,12 @@ def test_a_bag_of_heads_reads_the_mean_of_its_differently_seeded_heads():
     assert len(heads) == 3 and len(history["loss"]) == 1
     each = np.stack([h.predict(inputs, verbose=0) for h in heads])
     assert np.abs(each[0] - each[1]).max() > 1e-4  # their own seeds: not three copies of one head
-    bag = bag_heads(cfg, heads)
+    bag = bag_heads(heads)
     np.testing.assert_allclose(bag.predict(inputs, verbose=0), each.mean(axis=0), atol=1e-6)
     # The first head is trained as the single head is, from the same seed.
     assert head_seed(5, 0) == 5 and len({head_seed(5, j) for j in range(3)}) == 3
     single, _ = fit_heads(RecipeConfig(global_px=32, patch_px=32, top_k=2, cls_epochs=1), inputs, y, seed=5)
-    assert len(single) == 1 and bag_heads(cfg, single) is single[0]
+    assert len(single) == 1 and bag_heads(single) is single[0]
     # The exported classifier carries the bag: its patches go through Lite0 to the same mean.
     classifier = build_classifier(cfg, bag)
     patches = rng.random((2, 2, 32, 32, 1), np.float32)

@@ -456,6 +456,35 @@ def test_patch_sampler_centres_lesion_patches_on_lesions_and_normal_ones_away(sc
     assert (x[y == 0, 31:33, 31:33, 0].max(axis=(1, 2)) < 0.4).all()  # never on a lesion
 
 
+def test_scan_zoom_cuts_wider_and_narrower_windows_and_is_a_no_op_when_off():
+    from models.bundle_recipe import PatchSampler
+
+    films = _synthetic_films()
+    base = dict(canvas=(256, 192), patch_px=64, cell_px=32, scan_lesion_patches=200, scan_normal_patches=10)
+    off = PatchSampler(films, np.arange(4), RecipeConfig(**base))
+    # A window twice the patch, resized to the patch: the radius-20 disk of film 0 reads radius 10.
+    patch = off._crop(0, 60.0, 100.0, zoom=2.0)
+    assert patch.shape == (64, 64)
+    assert abs((patch > 0.6).sum() / (np.pi * 10**2) - 1) < 0.1
+    assert abs((off._crop(0, 60.0, 100.0) > 0.6).sum() / (np.pi * 20**2) - 1) < 0.05
+    rng = np.random.default_rng(3)
+    state = rng.bit_generator.state
+    assert off._zoom(rng) == 1.0 and rng.bit_generator.state == state  # off draws nothing
+
+    def disk_areas(sampler):
+        x, y = sampler.epoch(np.random.default_rng(0))
+        return (x[y > 0, ..., 0] > 0.6).sum(axis=(1, 2))
+
+    # Off, every lesion patch holds the whole disk (jitter <= 10 px): one area. On (windows 32 to
+    # 128 px), the disk reads from about a quarter to four times that area.
+    plain = disk_areas(off)
+    assert plain.max() - plain.min() <= 0.05 * plain.mean()
+    zoomed = disk_areas(PatchSampler(films, np.arange(4), RecipeConfig(**base, scan_zoom=2.0)))
+    assert zoomed.min() < 0.5 * plain.mean() and zoomed.max() > 2 * plain.mean()
+    with pytest.raises(ValueError, match="scan_zoom"):
+        RecipeConfig(scan_zoom=0.8)
+
+
 def test_mini_ddsm_mask_lesions_become_scanner_circles_inside_their_masks(miniddsm_dir):
     from models.bundle_recipe import prepare_films
     from models.data import load_mini_ddsm

@@ -540,8 +540,6 @@ class PatchSampler:
     def _crop(self, i: int, x: float, y: float, zoom: float = 1.0) -> np.ndarray:
         """The patch centred on canvas point (x, y), from the canvas at this sampler's scale;
         with ``zoom`` z it is cut from a window patch_px * z wide and resized to patch_px."""
-        import cv2
-
         p = self.cfg.patch_px
         side = p if zoom == 1.0 else max(2, int(round(p * zoom)))
         _, h, w = self.canvases.shape
@@ -551,6 +549,8 @@ class PatchSampler:
         ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
         out[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = self.canvases[i, ys, xs]
         if side != p:
+            import cv2
+
             out = cv2.resize(out, (p, p), interpolation=cv2.INTER_AREA if side > p else cv2.INTER_LINEAR)
         return out
 

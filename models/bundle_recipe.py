@@ -98,7 +98,8 @@ class RecipeConfig:
     scan_hard_epoch: int | None = None
     # Scale augmentation of the scanners' training patches: each patch is cut from a window
     # between patch_px / scan_zoom and patch_px * scan_zoom wide (log-uniform) and resized to
-    # patch_px, so the scanner sees lesions over a wider range of sizes (1: off).
+    # patch_px, so the scanner sees lesions over a wider range of sizes (1: off). Off: 1.25 read
+    # pair cancer AUC 0.825 against 0.875 on seed 0 and 0.840 against 0.805 on seed 1.
     scan_zoom: float = 1.0
     # One scanner per entry (seeds 1000 apart), each reading patch_px patches of the canvas
     # downsampled by that factor; the segmenter averages their cell probabilities. On the MIAS

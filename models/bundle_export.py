@@ -72,6 +72,13 @@ def _description(config: dict[str, Any]) -> str:
                 "run convolutionally over the whole breast; each gives every "
                 f"{cell} px cell P(normal tissue, benign lesion, malignant lesion) for the window "
                 f"around it ({windows} of canvas), and the segmenter averages them.")
+    zoom, average = float(config.get("scan_zoom", 1.0)), int(config.get("scan_average", 1))
+    if zoom > 1:
+        scan += (f" Scanner training patches were cut from windows {patch / zoom:.0f}-{patch * zoom:.0f} px "
+                 f"wide and resized to {patch} px (scale augmentation).")
+    if average > 1:
+        scan += (f" Each scanner's weights are the mean of its last {average} fine-tuning epochs' "
+                 "weights.")
     verify = int(config.get("verify_top", 0))
     if verify:
         scan += (f" Verifier: the segmenter's {verify} most lesion-like cells are re-read by the same "

@@ -485,6 +485,37 @@ def test_scan_zoom_cuts_wider_and_narrower_windows_and_is_a_no_op_when_off():
         RecipeConfig(scan_zoom=0.8)
 
 
+def test_scan_average_leaves_the_mean_of_the_last_epochs_weights(monkeypatch):
+    import keras
+
+    from models.bundle_recipe import train_scanner
+
+    films = _synthetic_films()
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_lesion_patches=8,
+                       scan_normal_patches=16, scan_epochs=3, scan_average=2, scan_blocks=1)
+    ends = []  # the weights at the end of every fit: the head-only epoch, then the 3 fine-tuning ones
+    fit = keras.Model.fit
+
+    def recording_fit(self, *args, **kwargs):
+        out = fit(self, *args, **kwargs)
+        ends.append(self.get_weights())
+        return out
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    scanner, history = train_scanner(films, np.arange(4), cfg, seed=5)
+    assert len(ends) == 4 and len(history["loss"]) == 4
+    got = scanner.get_weights()
+    moved = [k for k, (a, b) in enumerate(zip(ends[2], ends[3], strict=True)) if not np.allclose(a, b)]
+    assert moved  # the last two epochs differ, so the mean is neither of them
+    for k, w in enumerate(got):
+        np.testing.assert_allclose(w, (ends[2][k].astype(np.float64) + ends[3][k]) / 2, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got[moved[0]], ends[3][moved[0]])
+    with pytest.raises(ValueError, match="scan_average"):
+        RecipeConfig(scan_average=6)  # more than the 5 fine-tuning epochs
+    with pytest.raises(ValueError, match="scan_average"):
+        RecipeConfig(scan_average=0)
+
+
 def test_mini_ddsm_mask_lesions_become_scanner_circles_inside_their_masks(miniddsm_dir):
     from models.bundle_recipe import prepare_films
     from models.data import load_mini_ddsm
@@ -625,6 +656,10 @@ def test_bundle_description_follows_the_scanners_of_the_run():
     assert "heads" not in verified
     bagged = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "head_bag": 8})
     assert "carries 8 such heads" in bagged and bagged.startswith(two)
+    assert "windows" not in two and "fine-tuning epochs" not in two
+    trained = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "scan_zoom": 1.25,
+                            "scan_average": 3})
+    assert "windows 102-160 px wide" in trained and "last 3 fine-tuning epochs" in trained
 
 
 def test_the_card_states_the_window_the_run_read():
@@ -644,7 +679,8 @@ def test_the_card_states_the_window_the_run_read():
      (["--scanner-extra", "nowhere"], "not a Mini-DDSM folder"),
      (["--verify-crops", "diag3"], "invalid choice"),
      (["--verify-jitter", "64"], "verify_jitter_px must be in"),
-     (["--seed", "-1"], "seed must be in [0, 1000000]")],
+     (["--seed", "-1"], "seed must be in [0, 1000000]"),
+     (["--scan-average", "6"], "scan_average must be in [1, scan_epochs=5]")],
 )
 def test_recipe_cli_rejects_bad_options_before_training(extra_args, expected, mias_dir, tmp_path,
                                                         monkeypatch, capsys):

@@ -62,6 +62,9 @@ def main() -> None:
         "analyze, total": _time(lambda: a.analyze(m), args.repeat),
         "DICOM header identity": _time(lambda: dicom_identity(image), args.repeat),
     }
+    if a.threads > 1:  # LiteRT on one thread, against the default (every core, at most 8)
+        one = Analyzer(a.bundle, threads=1)
+        rows["analyze, 1 thread"] = _time(lambda: one.analyze(m), args.repeat)
     if a.reads_pairs:  # the pair's reading itself, once both films are analysed
         single = a.analyze(m)
         rows["compare (bilateral)"] = _time(lambda: a.compare(single, single), args.repeat)
@@ -83,7 +86,8 @@ def main() -> None:
             feeds.append(np.log(np.clip(prior, 1e-6, 1.0))[None])
         rows["segmenter (Keras)"] = _time(lambda: seg(canvas, training=False), args.repeat)
         rows["classifier (Keras)"] = _time(lambda: cls(feeds, training=False), args.repeat)
-    print(f"image: {image.name} {m.pixels.shape}; bundle load {load_s * 1000:.0f} ms")
+    print(f"image: {image.name} {m.pixels.shape}; bundle load {load_s * 1000:.0f} ms; "
+          f"LiteRT threads {a.threads}")
     base = rows["analyze, total"]
     for name, s in rows.items():
         print(f"{name:24s} {s * 1000:8.1f} ms   {s / base:5.2f} x analyze")

@@ -266,3 +266,33 @@ def test_inference_does_not_import_tensorflow(bundle_dir, mias_dir):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_litert_threads_default_to_the_cores_and_do_not_change_the_answer(monkeypatch, mias_dir):
+    import os
+
+    import ai_edge_litert.interpreter as litert
+
+    from core import inference
+
+    asked = []
+    real = litert.Interpreter
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("num_threads"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(litert, "Interpreter", recording)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert inference.default_threads() == max(1, min(cores, 8))
+    default = Analyzer.from_bundle()
+    assert default.threads == inference.default_threads()
+    assert asked == [default.threads] * 3  # segmenter, classifier, verifier
+    one = Analyzer.from_bundle(threads=1)
+    assert asked[3:] == [1, 1, 1]
+    film = read_image(mias_dir / "mdb028.png")
+    a, b = default.analyze(film), one.analyze(film)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    np.testing.assert_allclose(a.lesion_probability, b.lesion_probability, atol=1e-5)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        Analyzer.from_bundle(threads=0)

@@ -404,7 +404,15 @@ def build_verifier(cfg: RecipeConfig, scanners):
     if not isinstance(scanners, (list, tuple)):
         scanners = [scanners]
     shape = (cfg.patch_px, cfg.patch_px, 1)
-    inp = keras.Input((cfg.verify_top * len(cfg.verify_shifts()), *shape), name="verify_patches")
+    count = cfg.verify_top * len(cfg.verify_shifts())
+    inp = keras.Input((count, *shape), name="verify_patches")
+    # The patches of a film read as one batch: (B, V, P, P, 1) -> (B x V, P, P, 1). Keras's
+    # TimeDistributed unrolls a fixed time axis into V copies of the network, which made the
+    # graph V times larger: slower to build, to convert and to run in training.
+    flat = keras.ops.reshape(inp, (-1, *shape))
+    views = [flat]
+    if cfg.tta_flip:  # the same patches mirrored left-right (axes: patch, row, col, channel)
+        views.append(keras.ops.flip(flat, axis=2))
     readings = []
     for j, scanner in enumerate(scanners):
         sfx = "" if j == 0 else f"_{j}"
@@ -414,11 +422,9 @@ def build_verifier(cfg: RecipeConfig, scanners):
         one = keras.Sequential([backbone, dense], name=f"verify_scanner{sfx}")
         one.build((None, *shape))
         dense.set_weights(scanner.get_layer("scan_probs").get_weights())
-        readings.append(layers.TimeDistributed(one, name=f"per_patch{sfx}")(inp))
-        if cfg.tta_flip:  # the same patches mirrored left-right (axes: batch, patch, row, col)
-            readings.append(layers.TimeDistributed(one, name=f"per_patch{sfx}_flip")(
-                keras.ops.flip(inp, axis=3)))
+        readings += [one(v) for v in views]
     out = readings[0] if len(readings) == 1 else layers.Average(name="mean_reading")(readings)
+    out = keras.ops.reshape(out, (-1, count, len(CELL_CLASSES)))
     out = layers.Activation("linear", name="verify_probs")(out)
     return keras.Model(inp, out, name="patch_verifier")
 

@@ -223,12 +223,13 @@ def test_verifier_is_the_mean_of_the_scanners_on_each_patch():
     assert cfg.verify_shifts() == [[0, 0], [-8, -8], [8, -8], [-8, 8], [8, 8]]
     rng = np.random.default_rng(1)
     scanners = _random_head_scanners(cfg, rng, 2)
-    x = rng.random((1, 15, 64, 64, 1), dtype=np.float32)  # 3 cells x 5 crops
-    got = build_verifier(cfg, scanners).predict_on_batch(x)[0]
-    each = [sc.predict_on_batch(x[0]) for sc in scanners]
-    assert got.shape == (15, 3)
-    np.testing.assert_allclose(got, 0.5 * (each[0] + each[1]), atol=1e-5)
-    assert not np.allclose(each[0], each[1], atol=1e-3)
+    x = rng.random((2, 15, 64, 64, 1), dtype=np.float32)  # two films' 3 cells x 5 crops
+    got = build_verifier(cfg, scanners).predict_on_batch(x)
+    assert got.shape == (2, 15, 3)
+    for film in range(2):  # each film's patches read in place, never mixed with the other's
+        each = [sc.predict_on_batch(x[film]) for sc in scanners]
+        np.testing.assert_allclose(got[film], 0.5 * (each[0] + each[1]), atol=1e-5)
+        assert not np.allclose(each[0], each[1], atol=1e-3)
 
 
 def test_flip_reading_averages_the_film_and_its_mirror_cell_by_cell():

@@ -620,8 +620,8 @@ class MainWindow(QMainWindow):
     @staticmethod
     def _read_error_text(path: Path | None, exc: Exception) -> str:
         name = str(path) if path is not None else "The file"
-        reason = getattr(exc, "reason", None) or str(exc)
-        return f"{name}\n\ncould not be opened: {reason}.".replace("..", ".")
+        reason = (getattr(exc, "reason", None) or str(exc)).rstrip().rstrip(".")
+        return f"{name}\n\ncould not be opened: {reason}."
 
     def _show_image(self, step: Step) -> None:
         mammogram = step.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,18 @@ def test_unreadable_file_gives_a_clear_dialog_and_the_app_goes_on(
     # ... and the app keeps working.
     open_and_wait(qtbot, window, format_files["pgm"])
     assert window.mammogram.path == format_files["pgm"]
+
+
+def test_the_error_names_the_file_as_given_with_its_parent_dots(make_window, qtbot, tmp_path,
+                                                              monkeypatch):
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    window = make_window()
+    with qtbot.waitSignal(window.error_shown) as blocker:
+        window.open_paths(["../no-such-image.png"])
+    _, message = blocker.args
+    assert message.startswith(str(Path("..") / "no-such-image.png") + "\n")
+    assert not message.endswith("..")
 
 
 def test_status_bar_shows_position_raw_value_and_zoom(make_window, qtbot, format_files):

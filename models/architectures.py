@@ -841,3 +841,10 @@ def build(name: str, **params: Any) -> keras.Model:
     except KeyError:
         raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
     return builder(**params)
+
+
+def load(path: str | Path) -> keras.Model:
+    """A saved ``.keras`` model, uncompiled. Its MammoLab layers (:class:`FoldPatches`,
+    :class:`UnfoldPatches`) are registered by importing this module, which Keras needs to
+    rebuild them: load models through here, not ``keras.models.load_model`` directly."""
+    return keras.models.load_model(path, compile=False)

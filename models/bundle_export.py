@@ -387,8 +387,7 @@ def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False,
                 replicates: list[Path] | None = None) -> Path:
     """Export one recipe run as a bundle folder (checksummed, LiteRT parity checked), with the
     figures of its ``replicates`` (the same recipe on other fold splits, cross-validation only)."""
-    import keras
-
+    from models.architectures import load
     from models.export import write_bundle
 
     if len(runs) != 1:
@@ -396,12 +395,12 @@ def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False,
     run = Path(runs[0])
     config, evaluation = _read_run(run)
     other = read_replicates(config, evaluation, list(replicates or []))  # refused before any work
-    classifier = keras.models.load_model(run / "classifier.keras", compile=False)
-    segmenter = keras.models.load_model(run / "segmenter.keras", compile=False)
+    classifier = load(run / "classifier.keras")
+    segmenter = load(run / "segmenter.keras")
     verifier = None
     if config.get("verify_top"):
         if not (run / "verifier.keras").is_file():
             raise RunError(f"{run}: the run re-reads its top cells but has no verifier.keras")
-        verifier = keras.models.load_model(run / "verifier.keras", compile=False)
+        verifier = load(run / "verifier.keras")
     meta = bundle_metadata(config, evaluation, other)
     return write_bundle(out_dir, classifier, segmenter, meta, overwrite=overwrite, verifier_model=verifier)

@@ -1014,6 +1014,8 @@ def _predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def _held_out_predictions(inp: EvaluationInputs) -> dict[str, Any]:
     """Predictions on the held-out images (test split, or out-of-fold) and on validation."""
+    from models import architectures
+
     split, data = inp.split, inp.images
     batch = int(inp.config["settings"].get("batch_size", 8))
     if split.get("kind") == "cross-validation":
@@ -1025,7 +1027,7 @@ def _held_out_predictions(inp: EvaluationInputs) -> dict[str, Any]:
         held_out = "the test split: patients never used for training or validation"
     out: dict[str, list] = {"test_rows": [], "test": [], "val_rows": [], "val": []}
     for path, sides in parts:
-        model = keras.models.load_model(path, compile=False)
+        model = architectures.load(path)
         for side, key in (("test", "test"), ("val", "val")):
             rows = data.rows(sides[key]["images"])
             out[f"{side}_rows"].append(rows)

@@ -401,15 +401,14 @@ def build_verifier(cfg: RecipeConfig, scanners):
     import keras
     from keras import layers
 
+    from models.architectures import FoldPatches, UnfoldPatches
+
     if not isinstance(scanners, (list, tuple)):
         scanners = [scanners]
     shape = (cfg.patch_px, cfg.patch_px, 1)
     count = cfg.verify_top * len(cfg.verify_shifts())
     inp = keras.Input((count, *shape), name="verify_patches")
-    # The patches of a film read as one batch: (B, V, P, P, 1) -> (B x V, P, P, 1). Keras's
-    # TimeDistributed unrolls a fixed time axis into V copies of the network, which made the
-    # graph V times larger: slower to build, to convert and to run in training.
-    flat = keras.ops.reshape(inp, (-1, *shape))
+    flat = FoldPatches(name="fold_patches")(inp)  # one batch; TimeDistributed unrolls V copies
     views = [flat]
     if cfg.tta_flip:  # the same patches mirrored left-right (axes: patch, row, col, channel)
         views.append(keras.ops.flip(flat, axis=2))
@@ -424,7 +423,7 @@ def build_verifier(cfg: RecipeConfig, scanners):
         dense.set_weights(scanner.get_layer("scan_probs").get_weights())
         readings += [one(v) for v in views]
     out = readings[0] if len(readings) == 1 else layers.Average(name="mean_reading")(readings)
-    out = keras.ops.reshape(out, (-1, count, len(CELL_CLASSES)))
+    out = UnfoldPatches(count, name="unfold_patches")(out)
     out = layers.Activation("linear", name="verify_probs")(out)
     return keras.Model(inp, out, name="patch_verifier")
 
@@ -475,13 +474,16 @@ def build_classifier_head(cfg: RecipeConfig, name: str = "multibranch_head"):
 def build_classifier(cfg: RecipeConfig, head):
     """The exported classifier: global image, K patches and K cell scores -> class probabilities."""
     import keras
-    from keras import layers
+
+    from models.architectures import FoldPatches, UnfoldPatches
 
     g_in = keras.Input((cfg.global_px, cfg.global_px, 1), name="global")
     p_in = keras.Input((cfg.top_k, cfg.patch_px, cfg.patch_px, 1), name="patches")
     s_in = keras.Input((cfg.top_k, len(CELL_CLASSES)), name="scores")
     backbone = _lite0_features((cfg.patch_px, cfg.patch_px, 1), "lite0_patch", pooled=True)
-    feats = layers.TimeDistributed(backbone, name="per_patch")(p_in)
+    per_patch = keras.Sequential([FoldPatches(name="fold_patches"), backbone,
+                                  UnfoldPatches(cfg.top_k, name="unfold_patches")], name="per_patch")
+    feats = per_patch(p_in)
     if not cfg.use_prior:
         return keras.Model([g_in, p_in, s_in], head([g_in, feats, s_in]), name="lesion_multibranch")
     prior_in = keras.Input((len(CLASSES),), name="prior_log")

@@ -405,6 +405,21 @@ def test_export_refuses_a_replicate_that_is_not_one_before_writing(tiny_run, tmp
     assert not (tmp_path / "bundle").exists()
 
 
+def test_a_run_exports_from_a_fresh_process(tiny_run, tmp_path):
+    """`mammolab export` on its own: the run's models load with nothing else imported first
+    (their patch layers are MammoLab's, which Keras must find registered)."""
+    import subprocess
+    import sys
+
+    out, _, _ = tiny_run
+    target = tmp_path / "bundle"
+    done = subprocess.run([sys.executable, "-c", "import sys; from core.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "export", str(out), str(target)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = json.loads((target / "model.json").read_text())
+    assert {"classifier.tflite", "segmenter.tflite", "verifier.tflite"} <= set(card["files"])
+
+
 def test_export_refuses_a_replicate_on_other_films_or_another_reading(tiny_run, tmp_path):
     from models.bundle_export import RunError, read_replicates
 

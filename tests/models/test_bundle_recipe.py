@@ -232,6 +232,39 @@ def test_verifier_is_the_mean_of_the_scanners_on_each_patch():
         assert not np.allclose(each[0], each[1], atol=1e-3)
 
 
+def test_recipe_reads_films_through_litert_as_keras_does():
+    """cell_probs and verified_probs run the segmenter and verifier through LiteRT; their
+    readings are Keras's, film by film (and the verifier's reach the cells it re-reads)."""
+    from models.bundle_recipe import build_segmenter, build_verifier, cell_probs, verified_probs
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, verify_top=3, verify_jitter_px=8)
+    rng = np.random.default_rng(3)
+    scanners = _random_head_scanners(cfg, rng, 2)
+    canvases = rng.random((3, 256, 192), dtype=np.float32)
+    segmenter = build_segmenter(cfg, scanners)
+    got = cell_probs(segmenter, canvases)
+    assert got.shape == (3, 8, 6, 3)
+    np.testing.assert_allclose(got, segmenter.predict_on_batch(canvases[..., None]), atol=1e-4)
+
+    class Films:  # the two fields verified_probs reads
+        pass
+
+    films = Films()
+    films.canvases, films.cell_breast = canvases, np.ones((3, 8, 6), bool)
+    verifier = build_verifier(cfg, scanners)
+    verified = verified_probs(films, got, verifier, cfg)
+    from core.inference import verify_cells
+
+    def keras_read(patches):
+        return verifier.predict_on_batch(patches[None, ..., None])[0]
+
+    for i in range(3):
+        expected = verify_cells(got[i], canvases[i], films.cell_breast[i], cfg.verify_top, cfg.cell_px,
+                                cfg.patch_px, keras_read, cfg.verify_shifts())
+        np.testing.assert_allclose(verified[i], expected, atol=1e-4)
+    assert not np.allclose(verified, got, atol=1e-3)  # the verifier did re-read some cells
+
+
 def test_flip_reading_averages_the_film_and_its_mirror_cell_by_cell():
     """With ``tta_flip`` the segmenter's map is the mean of the plain map and the mirrored film's
     map mirrored back, and the verifier's reading the mean over each patch and its mirror."""

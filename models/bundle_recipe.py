@@ -31,6 +31,7 @@ models are then trained on all films with the same recipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -516,6 +517,38 @@ def _predict_batches(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(out)
 
 
+@contextlib.contextmanager
+def tfdata_autotune_off():
+    """Within this block, ``fit`` on numpy arrays feeds its batches through a tf.data pipeline
+    with autotuning off. Yields whether Keras's array adapter was found (and so patched).
+
+    With autotuning on, ``fit`` of a scanner sat idle for 30-40 s after its last batch in most
+    epochs (the pipeline's teardown waits for its autotuning thread, whose sleep grows with the
+    run): epochs took 82 s instead of 44 s on a 2-core machine. Batches, their order and the
+    losses are unchanged (the shuffle is the same op in the same graph); only the prefetch
+    buffer sizes stop adapting.
+    """
+    try:
+        from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+    except ImportError:  # another Keras layout: fit as usual
+        yield False
+        return
+    original = ArrayDataAdapter.get_tf_dataset
+
+    def get_tf_dataset(adapter):
+        import tensorflow as tf
+
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return original(adapter).with_options(options)
+
+    ArrayDataAdapter.get_tf_dataset = get_tf_dataset
+    try:
+        yield True
+    finally:
+        ArrayDataAdapter.get_tf_dataset = original
+
+
 class LiteRTReader:
     """A one-input, one-output Keras model converted to LiteRT and read one example at a time.
 
@@ -687,7 +720,8 @@ def train_scanner(films: Films, idx: np.ndarray, cfg: RecipeConfig, seed: int, s
 
     def fit(hard: np.ndarray | None = None) -> None:
         x, y = sampler.epoch(rng, hard)
-        h = scanner.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=True)
+        with tfdata_autotune_off():
+            h = scanner.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=True)
         for key in history:
             history[key].append(float(h.history[key][0]))
         log.info("scanner (scale %d) epoch %d: loss %.3f, accuracy %.3f", scale, len(history["loss"]),
@@ -807,8 +841,9 @@ def fit_head(head, inputs: list[np.ndarray], y: np.ndarray, cfg: RecipeConfig, s
         xs = list(inputs)
         if augment_first:
             xs[0] = _augment_globals(inputs[0], rng)
-        h = head.fit([x for x in xs], y, epochs=1, batch_size=cfg.batch_size, class_weight=weights,
-                     verbose=0, shuffle=True)
+        with tfdata_autotune_off():
+            h = head.fit([x for x in xs], y, epochs=1, batch_size=cfg.batch_size, class_weight=weights,
+                         verbose=0, shuffle=True)
         for key in history:
             history[key].append(float(h.history[key][0]))
     return history

@@ -759,3 +759,36 @@ def test_recipe_cli_hands_the_extra_films_and_cv_only_to_the_run(miniddsm_dir, m
     assert bundle_recipe.main(["--data", str(mias_dir.parent), "--out", str(tmp_path / "run"),
                                "--seed", "3", "--cv-only"]) == 0
     assert calls[0][3].seed == 3
+
+
+def test_fits_run_without_tfdata_autotune_and_train_exactly_as_before():
+    """tfdata_autotune_off patches this Keras (so the scanners' epochs do not idle at teardown),
+    turns autotuning off in fit's pipeline, changes no batch or loss, and is undone on exit."""
+    import contextlib
+
+    import keras
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from models.bundle_recipe import tfdata_autotune_off
+
+    rng = np.random.default_rng(4)
+    x, y = rng.random((100, 8), dtype=np.float32), rng.integers(0, 3, 100)
+
+    def losses(off: bool) -> list[float]:
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="sparse_categorical_crossentropy")
+        out = []
+        for _ in range(3):  # the batch order (shuffled) matters with a large step
+            with tfdata_autotune_off() if off else contextlib.nullcontext():
+                out.append(model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=True).history["loss"][0])
+        return out
+
+    original = ArrayDataAdapter.get_tf_dataset
+    with tfdata_autotune_off() as patched:
+        assert patched
+        adapter = ArrayDataAdapter(x, y, batch_size=16, shuffle=True)
+        assert adapter.get_tf_dataset().options().autotune.enabled is False
+    assert ArrayDataAdapter.get_tf_dataset is original
+    assert ArrayDataAdapter(x, y, batch_size=16).get_tf_dataset().options().autotune.enabled is not False
+    assert losses(True) == losses(False)

@@ -578,7 +578,7 @@ class LiteRTReader:
         """One example, without the batch axis, to its output, without the batch axis."""
         self._interp.set_tensor(self._in, np.asarray(x, np.float32)[None])
         self._interp.invoke()
-        return self._interp.get_tensor(self._out)[0].copy()
+        return self._interp.get_tensor(self._out)[0]  # get_tensor returns a copy
 
 
 class PatchSampler:

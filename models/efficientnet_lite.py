@@ -44,11 +44,13 @@ __all__ = [
     "LITE0_FEATURES",
     "LITE0_NUM_BLOCKS",
     "B0_FEATURES",
+    "apply_lite0_top",
     "build_efficientnet_b0_backbone",
     "build_efficientnet_lite0",
     "build_lite0_features",
     "find_lite0",
     "freeze_lite0",
+    "lite0_bottom",
     "lite0_imagenet_weights_path",
     "load_lite0_imagenet",
     "preprocess_lite0",
@@ -142,7 +144,12 @@ def _bn(name: str) -> keras.layers.BatchNormalization:
 
 
 def apply_mbconv_block(
-    x: keras.KerasTensor, spec: BlockSpec, *, drop_rate: float, name: str
+    x: keras.KerasTensor,
+    spec: BlockSpec,
+    *,
+    drop_rate: float,
+    name: str,
+    reuse: keras.Model | None = None,
 ) -> keras.KerasTensor:
     """Apply one MBConv block without squeeze-and-excitation (Lite variant).
 
@@ -153,41 +160,56 @@ def apply_mbconv_block(
     spec
         Kernel size, stride, expansion and widths of the block.
     drop_rate
-        Stochastic-depth rate on the residual branch during training (0 disables it).
+        Stochastic-depth rate on the residual branch during training (0 disables it). Ignored
+        with ``reuse``, whose block has its drop layer or not.
     name
         Prefix of every layer of the block, e.g. ``"block3"``.
+    reuse
+        A Lite0 network from :func:`build_efficientnet_lite0`: call its layers of this block
+        (weights and trainable flags shared) instead of creating new ones.
 
     Returns
     -------
     keras.KerasTensor
         ``(B, H / stride, W / stride, spec.filters_out)`` feature map.
     """
+    names = {layer.name for layer in reuse.layers} if reuse is not None else set()
+
+    def layer(suffix: str, create):
+        return (
+            reuse.get_layer(f"{name}_{suffix}") if reuse is not None else create(f"{name}_{suffix}")
+        )
+
     inputs = x
     expanded = spec.filters_in * spec.expand_ratio
     if spec.expand_ratio != 1:
-        x = keras.layers.Conv2D(
-            expanded, 1, padding="same", use_bias=False, name=f"{name}_expand_conv"
+        x = layer(
+            "expand_conv",
+            lambda n: keras.layers.Conv2D(expanded, 1, padding="same", use_bias=False, name=n),
         )(x)
-        x = _bn(f"{name}_expand_bn")(x)
-        x = keras.layers.ReLU(6.0, name=f"{name}_expand_activation")(x)
-    x = keras.layers.DepthwiseConv2D(
-        spec.kernel_size,
-        strides=spec.strides,
-        padding="same",
-        use_bias=False,
-        name=f"{name}_dwconv",
+        x = layer("expand_bn", _bn)(x)
+        x = layer("expand_activation", lambda n: keras.layers.ReLU(6.0, name=n))(x)
+    x = layer(
+        "dwconv",
+        lambda n: keras.layers.DepthwiseConv2D(
+            spec.kernel_size, strides=spec.strides, padding="same", use_bias=False, name=n
+        ),
     )(x)
-    x = _bn(f"{name}_dw_bn")(x)
-    x = keras.layers.ReLU(6.0, name=f"{name}_dw_activation")(x)
-    x = keras.layers.Conv2D(
-        spec.filters_out, 1, padding="same", use_bias=False, name=f"{name}_project_conv"
+    x = layer("dw_bn", _bn)(x)
+    x = layer("dw_activation", lambda n: keras.layers.ReLU(6.0, name=n))(x)
+    x = layer(
+        "project_conv",
+        lambda n: keras.layers.Conv2D(spec.filters_out, 1, padding="same", use_bias=False, name=n),
     )(x)
-    x = _bn(f"{name}_project_bn")(x)
+    x = layer("project_bn", _bn)(x)
     if spec.strides == 1 and spec.filters_in == spec.filters_out:
-        if drop_rate > 0:
+        if (reuse is None and drop_rate > 0) or f"{name}_drop" in names:
             # Drop the whole residual branch per sample (stochastic depth).
-            x = keras.layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(x)
-        x = keras.layers.Add(name=f"{name}_add")([x, inputs])
+            x = layer(
+                "drop",
+                lambda n: keras.layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=n),
+            )(x)
+        x = layer("add", lambda n: keras.layers.Add(name=n))([x, inputs])
     return x
 
 
@@ -255,6 +277,56 @@ def build_efficientnet_lite0(
     elif pooling is not None:
         raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
     return keras.Model(inputs, x, name=name)
+
+
+def _block_entry(net: keras.Model, first_block: int) -> keras.layers.Layer:
+    """The first layer of block ``first_block`` of ``net`` (the head convolution after the last)."""
+    if not 0 <= first_block <= LITE0_NUM_BLOCKS:
+        raise ValueError(f"first_block must be in [0, {LITE0_NUM_BLOCKS}], got {first_block}")
+    if first_block == LITE0_NUM_BLOCKS:
+        return net.get_layer("top_conv")
+    spec = LITE0_BLOCKS[first_block]
+    return net.get_layer(
+        f"block{first_block}_{'expand_conv' if spec.expand_ratio != 1 else 'dwconv'}"
+    )
+
+
+def lite0_bottom(net: keras.Model, first_block: int) -> keras.Model:
+    """The part of a Lite0 ``net`` below block ``first_block``, as a model of its own.
+
+    ``net``'s input to the feature map that enters block ``first_block`` (``LITE0_NUM_BLOCKS``:
+    that enters the head convolution). Its layers are ``net``'s, weights shared.
+    :func:`apply_lite0_top` continues from its output.
+    """
+    entry = _block_entry(net, first_block)
+    return keras.Model(net.input, entry.input, name=f"{net.name}_below_block{first_block}")
+
+
+def apply_lite0_top(net: keras.Model, x: keras.KerasTensor, first_block: int) -> keras.KerasTensor:
+    """Call the layers of a Lite0 ``net`` from block ``first_block`` to its output on ``x``.
+
+    ``x`` is what :func:`lite0_bottom` gives for the same block; the two composed compute
+    ``net`` itself, with ``net``'s own layers (weights and trainable flags shared), so a model
+    built on the result trains ``net``'s top in place.
+    """
+    _block_entry(net, first_block)  # checks the range
+    for index in range(first_block, LITE0_NUM_BLOCKS):
+        x = apply_mbconv_block(
+            x, LITE0_BLOCKS[index], drop_rate=0.0, name=f"block{index}", reuse=net
+        )
+    names = {layer.name for layer in net.layers}
+    for name in (
+        "top_conv",
+        "top_bn",
+        "top_activation",
+        "avg_pool",
+        "max_pool",
+        "top_dropout",
+        "predictions",
+    ):
+        if name in names:
+            x = net.get_layer(name)(x)
+    return x
 
 
 def _adapt_unit_input(

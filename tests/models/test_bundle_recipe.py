@@ -542,22 +542,23 @@ def test_scan_average_leaves_the_mean_of_the_last_epochs_weights(monkeypatch):
     films = _synthetic_films()
     cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_lesion_patches=8,
                        scan_normal_patches=16, scan_epochs=3, scan_average=2, scan_blocks=1)
-    ends = []  # the weights at the end of every fit: the head-only epoch, then the 3 fine-tuning ones
+    ends = []  # the fitted weights at the end of every fit: the head-only epoch, then the 3 fine-tuning ones
     fit = keras.Model.fit
 
     def recording_fit(self, *args, **kwargs):
         out = fit(self, *args, **kwargs)
-        ends.append(self.get_weights())
+        ends.append({id(v): np.array(v) for v in self.weights})  # the scanner's own variables
         return out
 
     monkeypatch.setattr(keras.Model, "fit", recording_fit)
     scanner, history = train_scanner(films, np.arange(4), cfg, seed=5)
     assert len(ends) == 4 and len(history["loss"]) == 4
-    got = scanner.get_weights()
-    moved = [k for k, (a, b) in enumerate(zip(ends[2], ends[3], strict=True)) if not np.allclose(a, b)]
+    got = {id(v): np.array(v) for v in scanner.weights}
+    assert ends[3].keys() <= got.keys()
+    moved = [k for k in ends[3] if not np.allclose(ends[2][k], ends[3][k])]
     assert moved  # the last two epochs differ, so the mean is neither of them
-    for k, w in enumerate(got):
-        np.testing.assert_allclose(w, (ends[2][k].astype(np.float64) + ends[3][k]) / 2, rtol=1e-6, atol=1e-7)
+    for k in ends[3]:
+        np.testing.assert_allclose(got[k], (ends[2][k].astype(np.float64) + ends[3][k]) / 2, rtol=1e-6, atol=1e-7)
     assert not np.allclose(got[moved[0]], ends[3][moved[0]])
     with pytest.raises(ValueError, match="scan_average"):
         RecipeConfig(scan_average=6)  # more than the 5 fine-tuning epochs
@@ -792,3 +793,115 @@ def test_fits_run_without_tfdata_autotune_and_train_exactly_as_before():
     assert ArrayDataAdapter.get_tf_dataset is original
     assert ArrayDataAdapter(x, y, batch_size=16).get_tf_dataset().options().autotune.enabled is not False
     assert losses(True) == losses(False)
+
+
+def test_fitting_above_the_frozen_split_is_fitting_the_whole_scanner(monkeypatch):
+    """FrozenSplit: the frozen blocks' LiteRT reading, then the scanner's own top layers, give the
+    scanner's output and gradients, and fitting the top trains the scanner in place."""
+    import keras
+    import tensorflow as tf
+
+    from models.bundle_recipe import FrozenSplit, build_scanner
+    from models.efficientnet_lite import unfreeze_lite0_top
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32)
+    keras.utils.set_random_seed(3)
+    scanner = build_scanner(cfg)
+    rng = np.random.default_rng(3)
+    x, y = rng.random((8, 64, 64, 1), dtype=np.float32), rng.integers(0, 3, 8)
+
+    head_only = FrozenSplit(scanner, None)  # the first epoch: the whole backbone frozen
+    np.testing.assert_allclose(head_only.top(head_only.features(x)), scanner(x), atol=1e-4)
+    assert {id(v) for v in head_only.top.trainable_weights} == {id(v) for v in scanner.trainable_weights}
+
+    unfreeze_lite0_top(scanner, 2)
+    split = FrozenSplit(scanner, 14)
+    feats = split.features(x)
+    np.testing.assert_allclose(split.top(feats), scanner(x), atol=1e-4)
+    assert {id(v) for v in split.top.trainable_weights} == {id(v) for v in scanner.trainable_weights}
+
+    loss = keras.losses.SparseCategoricalCrossentropy()
+
+    def grads(model, inputs):
+        with tf.GradientTape() as tape:
+            value = loss(y, model(inputs, training=False))  # dropout off: the same function
+        return tape.gradient(value, model.trainable_weights)
+
+    whole, top = grads(scanner, x), grads(split.top, feats)
+    assert len(whole) == len(top) > 0
+    for a, b in zip(whole, top, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()))
+
+    frozen = [(v, np.array(v)) for v in scanner.non_trainable_weights]
+    trained = [(v, np.array(v)) for v in scanner.trainable_weights]
+    split.top.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    split.top.fit(feats, y, batch_size=8, epochs=1, verbose=0)
+    assert all(np.array_equal(v, before) for v, before in frozen)
+    assert all(not np.allclose(v, before) for v, before in trained)
+    np.testing.assert_allclose(split.top(split.features(x)), scanner(x), atol=1e-4)
+
+    with pytest.raises(ValueError, match="not frozen"):  # the blocks are trainable now
+        FrozenSplit(scanner, None)
+    unfreeze_lite0_top(scanner, 17)  # the stem trainable too: nothing below it is frozen
+    with pytest.raises(ValueError, match="not frozen"):
+        FrozenSplit(scanner, 0)
+
+    # Stochastic depth below the split would act in a fit but not in LiteRT's reading.
+    from models import efficientnet_lite
+
+    build = efficientnet_lite.build_efficientnet_lite0
+    monkeypatch.setattr(efficientnet_lite, "build_efficientnet_lite0",
+                        lambda *a, **k: build(*a, **{**k, "drop_connect_rate": 0.2}))
+    dropping = build_scanner(cfg)
+    unfreeze_lite0_top(dropping, 2)
+    with pytest.raises(ValueError, match="dropout below the split"):
+        FrozenSplit(dropping, 14)
+
+
+def test_a_fit_above_the_split_trains_the_scanner_as_a_whole_fit_does():
+    """Two scanners alike (weights and dropout seeds), one fitted whole, one above its split, in
+    training mode (dropout on), same batches: the same weights after, to LiteRT's rounding."""
+    import keras
+
+    from models.bundle_recipe import FrozenSplit, build_scanner
+    from models.efficientnet_lite import unfreeze_lite0_top
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32)
+
+    def twin():
+        keras.utils.set_random_seed(11)
+        scanner = build_scanner(cfg)
+        unfreeze_lite0_top(scanner, 2)
+        return scanner
+
+    whole, other = twin(), twin()
+    start = [np.array(v) for v in whole.weights]
+    split = FrozenSplit(other, 14)
+    rng = np.random.default_rng(11)
+    x, y = rng.random((8, 64, 64, 1), dtype=np.float32), rng.integers(0, 3, 8)
+    for model in (whole, split.top):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    whole.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    split.top.fit(split.features(x), y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    moved = 0
+    for a, b, s0 in zip(whole.weights, other.weights, start, strict=True):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
+        moved += not np.allclose(np.array(a), s0, rtol=0, atol=1e-6)
+    assert moved == len(whole.trainable_weights)
+
+
+@pytest.mark.parametrize(("scan_blocks", "trained", "kept"),
+                         [(0, "top_conv", "block15_project_conv"), (17, "stem_conv", None)])
+def test_scanners_train_above_any_split_and_whole_with_the_stem(scan_blocks, trained, kept):
+    from models.bundle_recipe import build_scanner, train_scanner
+    from models.efficientnet_lite import find_lite0
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32, scan_lesion_patches=8,
+                       scan_normal_patches=16, scan_epochs=1, scan_blocks=scan_blocks)
+    imagenet = find_lite0(build_scanner(cfg))[0]
+    scanner, history = train_scanner(_synthetic_films(), np.arange(4), cfg, seed=2)
+    net = find_lite0(scanner)[0]
+    assert len(history["loss"]) == 2
+    assert not np.allclose(net.get_layer(trained).get_weights()[0], imagenet.get_layer(trained).get_weights()[0])
+    if kept:
+        np.testing.assert_array_equal(net.get_layer(kept).get_weights()[0], imagenet.get_layer(kept).get_weights()[0])

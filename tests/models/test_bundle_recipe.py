@@ -905,3 +905,35 @@ def test_scanners_train_above_any_split_and_whole_with_the_stem(scan_blocks, tra
     assert not np.allclose(net.get_layer(trained).get_weights()[0], imagenet.get_layer(trained).get_weights()[0])
     if kept:
         np.testing.assert_array_equal(net.get_layer(kept).get_weights()[0], imagenet.get_layer(kept).get_weights()[0])
+
+
+def test_a_frozen_part_with_the_same_weights_is_converted_once(monkeypatch):
+    """Every scanner of a run has the same ImageNet frozen part: converted for the first, reused after."""
+    import keras
+
+    import models.bundle_recipe as recipe
+    from models.efficientnet_lite import unfreeze_lite0_top
+
+    cfg = RecipeConfig(canvas=(256, 192), patch_px=64, cell_px=32)
+    converted = []
+    convert = recipe.litert_content
+    monkeypatch.setattr(recipe, "litert_content", lambda model: converted.append(model.name) or convert(model))
+    monkeypatch.setattr(recipe, "_FROZEN_CONVERTED", {})
+    x = np.random.default_rng(5).random((3, 64, 64, 1), dtype=np.float32)
+
+    def scanner(seed):
+        keras.utils.set_random_seed(seed)  # another head, the same ImageNet blocks
+        sc = recipe.build_scanner(cfg)
+        unfreeze_lite0_top(sc, 2)
+        return sc
+
+    first, second = scanner(1), scanner(2)
+    a, b = recipe.FrozenSplit(first, 14), recipe.FrozenSplit(second, 14)
+    assert len(converted) == 1
+    np.testing.assert_array_equal(b.features(x), a.features(x))
+    np.testing.assert_allclose(b.top(b.features(x)), second(x), atol=1e-4)
+    changed = scanner(3)
+    w = changed.get_layer("lite0_scan").get_layer("lite0_scan_net").get_layer("block3_dwconv")
+    w.set_weights([v * 1.5 for v in w.get_weights()])
+    recipe.FrozenSplit(changed, 14)  # other frozen weights: converted anew
+    assert len(converted) == 2

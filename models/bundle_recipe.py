@@ -575,8 +575,8 @@ class LiteRTReader:
 
         from core.inference import default_threads
 
-        self.content = litert_content(model) if content is None else content
-        self._interp = Interpreter(model_content=self.content, num_threads=default_threads())
+        content = litert_content(model) if content is None else content
+        self._interp = Interpreter(model_content=content, num_threads=default_threads())
         self._interp.allocate_tensors()
         (inp,), (out,) = self._interp.get_input_details(), self._interp.get_output_details()
         self._in, self._out = inp["index"], out["index"]
@@ -754,6 +754,7 @@ class FrozenSplit:
             bottom = keras.Model(inp, lite0_bottom(net, first_block)(x), name="scanner_frozen")
             top_in = keras.Input(bottom.output.shape[1:], name="frozen_features")
             x = apply_lite0_top(net, top_in, first_block)
+
         def layers(model):
             for layer in model.layers:
                 yield layer
@@ -771,11 +772,11 @@ class FrozenSplit:
         # Every scanner of a run has the same frozen part (ImageNet weights), so it is converted
         # once per run and phase, not once per scanner.
         key = (first_block, tuple(bottom.input.shape), _weights_digest(bottom))
-        self._read = LiteRTReader(bottom, _FROZEN_CONVERTED.get(key))
         if key not in _FROZEN_CONVERTED:
             if len(_FROZEN_CONVERTED) >= 4:
                 _FROZEN_CONVERTED.clear()
-            _FROZEN_CONVERTED[key] = self._read.content
+            _FROZEN_CONVERTED[key] = litert_content(bottom)
+        self._read = LiteRTReader(bottom, _FROZEN_CONVERTED[key])
 
     def features(self, patches: np.ndarray) -> np.ndarray:
         """The frozen layers' reading of patches (N, patch_px, patch_px, 1): ``top``'s input, (N, ...)."""

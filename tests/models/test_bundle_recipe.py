@@ -561,9 +561,22 @@ def test_scan_average_leaves_the_mean_of_the_last_epochs_weights(monkeypatch):
         np.testing.assert_allclose(got[k], (ends[2][k].astype(np.float64) + ends[3][k]) / 2, rtol=1e-6, atol=1e-7)
     assert not np.allclose(got[moved[0]], ends[3][moved[0]])
     with pytest.raises(ValueError, match="scan_average"):
-        RecipeConfig(scan_average=6)  # more than the 5 fine-tuning epochs
-    with pytest.raises(ValueError, match="scan_average"):
         RecipeConfig(scan_average=0)
+
+
+def test_scan_average_is_capped_at_the_fine_tuning_epochs():
+    from models.bundle_export import _description
+    from models.bundle_recipe import scan_average_epochs
+
+    assert RecipeConfig().scan_average == 3  # the recipe averages the last 3 of its 5 epochs
+    assert RecipeConfig(scan_epochs=1).scan_epochs == 1  # the default does not refuse fewer epochs
+    assert [scan_average_epochs(3, e) for e in (1, 2, 3, 5)] == [1, 2, 3, 3]
+    short = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "scan_average": 3,
+                          "scan_epochs": 2})
+    assert "last 2 fine-tuning epochs" in short
+    off = _description({"patch_px": 128, "cell_px": 32, "scan_scales": [1, 1], "scan_average": 3,
+                        "scan_epochs": 1})
+    assert "fine-tuning epochs" not in off
 
 
 def test_mini_ddsm_mask_lesions_become_scanner_circles_inside_their_masks(miniddsm_dir):
@@ -730,7 +743,7 @@ def test_the_card_states_the_window_the_run_read():
      (["--verify-crops", "diag3"], "invalid choice"),
      (["--verify-jitter", "64"], "verify_jitter_px must be in"),
      (["--seed", "-1"], "seed must be in [0, 1000000]"),
-     (["--scan-average", "6"], "scan_average must be in [1, scan_epochs=5]")],
+     (["--scan-average", "0"], "scan_average must be at least 1")],
 )
 def test_recipe_cli_rejects_bad_options_before_training(extra_args, expected, mias_dir, tmp_path,
                                                         monkeypatch, capsys):

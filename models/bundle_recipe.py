@@ -109,9 +109,10 @@ class RecipeConfig:
     scan_zoom: float = 1.0
     # The scanner's weights averaged over its last this many fine-tuning epochs, or all of them
     # when there are fewer (end-of-epoch weights, equal shares; batch-norm statistics are frozen,
-    # so the average is a plain weight average). 1: off, the last epoch's weights. 3 (since 1.8.0): on three fold splits the pair's
-    # balanced accuracy read 0.582 / 0.562 / 0.576 against 0.596 / 0.495 / 0.535 without, its
-    # cancer AUC 0.845 / 0.802 / 0.812 against 0.875 / 0.805 / 0.840 (docs/MODEL_NOTES.md).
+    # so the average is a plain weight average). 1: off, the last epoch's weights. 3 (since
+    # 1.8.0): on three fold splits the pair's balanced accuracy read 0.582 / 0.562 / 0.576
+    # against 0.596 / 0.495 / 0.535 without, its cancer AUC 0.845 / 0.802 / 0.812 against
+    # 0.875 / 0.805 / 0.840 (docs/MODEL_NOTES.md).
     scan_average: int = 3
     # One scanner per entry (seeds 1000 apart), each reading patch_px patches of the canvas
     # downsampled by that factor; the segmenter averages their cell probabilities. On the MIAS

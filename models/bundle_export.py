@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.preprocess import PreprocessConfig
-from models.bundle_recipe import scan_average_epochs, verify_shifts
+from models.bundle_recipe import RecipeConfig, scan_average_epochs, verify_shifts
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def _description(config: dict[str, Any]) -> str:
                 f"{cell} px cell P(normal tissue, benign lesion, malignant lesion) for the window "
                 f"around it ({windows} of canvas), and the segmenter averages them.")
     zoom = float(config.get("scan_zoom", 1.0))
-    average = scan_average_epochs(config.get("scan_average", 1), config.get("scan_epochs", 5))
+    average = scan_average_epochs(config.get("scan_average", 1),
+                                  config.get("scan_epochs", RecipeConfig.scan_epochs))
     if zoom > 1:
         scan += (f" Scanner training patches were cut from windows {patch / zoom:.0f}-{patch * zoom:.0f} px "
                  f"wide and resized to {patch} px (scale augmentation).")

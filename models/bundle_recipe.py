@@ -157,6 +157,8 @@ class RecipeConfig:
             raise ValueError(f"seed must be in [0, 1000000], got {self.seed}")
         if not 1.0 <= self.scan_zoom <= 2.0:
             raise ValueError(f"scan_zoom must be in [1, 2] (1: off), got {self.scan_zoom}")
+        if not 0 <= self.scan_blocks <= 17:  # 16 Lite0 blocks, 17 with the stem
+            raise ValueError(f"scan_blocks must be in [0, 17], got {self.scan_blocks}")
         if self.scan_average < 1:
             raise ValueError(f"scan_average must be at least 1 (1: off), got {self.scan_average}")
         if self.head_bag < 1:
@@ -1280,6 +1282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-bag", type=int, default=RecipeConfig.head_bag, metavar="N",
                    help="class heads fitted per fold and finally, their probabilities averaged")
     p.add_argument("--scan-epochs", type=int, default=RecipeConfig.scan_epochs)
+    p.add_argument("--scan-blocks", type=int, default=RecipeConfig.scan_blocks, metavar="N",
+                   help="Lite0 blocks, from the top, each scanner fine-tunes (0-16; 17 adds the stem)")
     p.add_argument("--scan-zoom", type=float, default=RecipeConfig.scan_zoom, metavar="Z",
                    help="scale augmentation of the scanners' training patches: windows 1/Z to Z "
                         "times the patch size (1: off)")
@@ -1314,6 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = RecipeConfig(seed=args.seed, folds=args.folds, cls_epochs=args.cls_epochs, scan_epochs=args.scan_epochs,
+                           scan_blocks=args.scan_blocks,
                            scan_zoom=args.scan_zoom, scan_average=args.scan_average, head_bag=args.head_bag, scan_scales=tuple(args.scan_scales), tta_flip=args.tta_flip,
                            verify_jitter_px=args.verify_jitter, verify_crops=args.verify_crops)
     except ValueError as e:

@@ -743,7 +743,8 @@ def test_the_card_states_the_window_the_run_read():
      (["--verify-crops", "diag3"], "invalid choice"),
      (["--verify-jitter", "64"], "verify_jitter_px must be in"),
      (["--seed", "-1"], "seed must be in [0, 1000000]"),
-     (["--scan-average", "0"], "scan_average must be at least 1")],
+     (["--scan-average", "0"], "scan_average must be at least 1"),
+     (["--scan-blocks", "18"], "scan_blocks must be in [0, 17]")],
 )
 def test_recipe_cli_rejects_bad_options_before_training(extra_args, expected, mias_dir, tmp_path,
                                                         monkeypatch, capsys):
@@ -765,9 +766,10 @@ def test_recipe_cli_hands_the_extra_films_and_cv_only_to_the_run(miniddsm_dir, m
     calls = []
     monkeypatch.setattr(bundle_recipe, "run", lambda *a: calls.append(a) or {})
     assert bundle_recipe.main(["--data", str(mias_dir.parent), "--out", str(tmp_path / "run"),
-                               "--scanner-extra", str(miniddsm_dir), "--cv-only"]) == 0
+                               "--scanner-extra", str(miniddsm_dir), "--cv-only", "--scan-blocks", "4"]) == 0
     (_, out, bundle, cfg, every, keep, extra, cv_only), = calls
     assert extra == miniddsm_dir and cv_only and bundle is None and not keep and every == 1
+    assert cfg.scan_blocks == 4
     assert cfg.seed == 0
     calls.clear()
     assert bundle_recipe.main(["--data", str(mias_dir.parent), "--out", str(tmp_path / "run"),

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from core import __version__
@@ -121,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("MAMMOLAB_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # pydicom reports damage it reads past twice, as a Python warning and as a log line. A
+        # file that cannot be read gets MammoLab's own message (its CSV row, the app's error
+        # box), so pydicom's notes show only with MAMMOLAB_LOG=DEBUG.
+        import pydicom  # noqa: F401  (its import sets its logger's level; set it after)
+
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     if argv and argv[0] in SUBCOMMANDS:
         cmd, rest = argv[0], argv[1:]
         if cmd == "classify":

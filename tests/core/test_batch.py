@@ -141,6 +141,21 @@ def test_classify_on_all_cbis_dicoms_without_tensorflow(cbis_dicoms, tmp_path):
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
 
 
+def test_cli_damaged_dicom_gets_mammolabs_error_and_no_library_warning(cbis_dicoms, tmp_path):
+    """pydicom notes a cut-off file as a Python warning and a log line; on the command line the
+    user sees MammoLab's row for it and nothing of pydicom's (run as a user would, in a fresh
+    process, since pytest captures warnings itself)."""
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(cbis_dicoms[0].read_bytes()[:5000])  # inside the encapsulated pixel data
+    out = tmp_path / "d.csv"
+    done = subprocess.run([sys.executable, "-m", "core.cli", "classify", str(cut), "--csv", str(out), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Warning" not in done.stderr and "pydicom" not in done.stderr, done.stderr
+    (row,) = list(csv.DictReader(open(out, newline="")))
+    assert row["status"] == "error" and row["error"].startswith("cut.dcm: the DICOM file is damaged")
+
+
 @pytest.fixture()
 def pair_folder(tmp_path, mias_dir):
     """Both films of MIAS woman 1 (mdb001/002), mdb007 without its mdb008, and mdb009 beside a

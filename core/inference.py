@@ -28,7 +28,7 @@ import numpy as np
 
 from core.bundle import Bundle, BundleError, load_bundle
 from core.decision import decide
-from core.io import Mammogram
+from core.io import ImageReadError, Mammogram
 from core.pairing import bilateral_probs, check_bilateral, check_single_film, single_film_probs
 from core.paths import default_bundle_dir
 from core.preprocess import (
@@ -87,6 +87,28 @@ class Candidates:
     cells_rc: np.ndarray  # (K, 2) int, (row, col) on the cell grid
     canvas_xy: np.ndarray  # (K, 2) float, cell centres on the canvas
     scores: np.ndarray  # (K, n_cell_classes) float32, cell class probabilities
+
+
+class NoBreastError(ImageReadError):
+    """An image in which no breast is found (blank, or too dark): nothing for the models to read.
+
+    Reading it anyway would give a confident Normal, so it is refused with the reason.
+    """
+
+    def __init__(self, mammogram: Mammogram, threshold: float) -> None:
+        brightest = float(np.max(mammogram.pixels)) if mammogram.pixels.size else 0.0
+        if brightest < threshold:
+            reason = (f"no breast found: the image is blank or too dark (its brightest pixel is "
+                      f"{100 * brightest:.1f} % of full scale; breast tissue is read from "
+                      f"{100 * threshold:.0f} % up)")
+            raw = mammogram.raw
+            if mammogram.meta.get("format") != "DICOM" and raw is not None and raw.dtype.itemsize == 2:
+                # 16-bit PNG or TIFF files carry no bit depth of their data (DICOM's BitsStored).
+                reason += (". A 16-bit file holding 10- to 14-bit data reads this dark: export it "
+                           "scaled to the full 16-bit range, or as 8-bit")
+        else:
+            reason = "no breast found: no region of the image is large and bright enough to be one"
+        super().__init__(mammogram.path, reason)
 
 
 def top_cells(cell_probs: np.ndarray, breast_cells: np.ndarray, k: int, cell_px: int) -> Candidates:
@@ -511,9 +533,16 @@ class Analyzer:
         -------
         Analysis
             Probabilities after temperature; lesion maps at full resolution.
+
+        Raises
+        ------
+        NoBreastError
+            No breast is found in the image (blank or too dark).
         """
         t0 = time.perf_counter()
         x = self.inputs_for(mammogram)
+        if not x["mask"].any():
+            raise NoBreastError(mammogram, self.config.threshold)
         t1 = time.perf_counter()
         in_breast = self.breast_cells(x["canvas_breast"])
         cells = self.cell_map(x["canvas"], in_breast)

@@ -598,11 +598,12 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot open image", self._read_error_text(path, step.value))
         elif step.kind == "analysis_failed":
             self.results.set_status("The analysis failed.")
-            self.show_error(
-                "Analysis failed",
-                f"The model could not analyse this image:\n\n{step.value}\n\n"
-                "The image is still shown; try another image or another model bundle.",
-            )
+            if getattr(step.value, "reason", None):  # core.io.ImageReadError: no breast in the image
+                message = f"The models cannot read this image:\n\n{step.value}.\n\nThe image is still shown."
+            else:
+                message = (f"The model could not analyse this image:\n\n{step.value}\n\n"
+                           "The image is still shown; try another image or another model bundle.")
+            self.show_error("Analysis failed", message)
         elif step.kind == "other_breast_found":
             self.results.set_pairing_note(f"Reading it beside the other breast, {step.value.name}…")
         elif step.kind == "other_breast_failed":

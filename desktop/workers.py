@@ -137,7 +137,8 @@ def analysis_job(path: Path, analyzer, with_heatmap: bool = True,
     replaced by the pair's reading. Failures are yielded as ``*_failed`` steps carrying the
     exception; only a failed read or analysis ends the job.
     """
-    from core.io import read_image  # imported here: the window must start even without core.io
+    # Imported here: the window must start even without core.io.
+    from core.io import ImageReadError, read_image
 
     start = time.perf_counter()
     try:
@@ -154,7 +155,10 @@ def analysis_job(path: Path, analyzer, with_heatmap: bool = True,
         with ANALYZER_LOCK:
             analysis = analyzer.analyze(mammogram)
     except Exception as exc:
-        log.exception("analysis of %s failed", path)
+        if isinstance(exc, ImageReadError):  # an image the models cannot read (no breast in it)
+            log.info("%s not analysed: %s", path, exc)
+        else:
+            log.exception("analysis of %s failed", path)
         yield Step("analysis_failed", exc)
         return
     remember_raw(path, analyzer, analysis)

@@ -12,7 +12,7 @@ import pytest
 
 from core.bundle import BundleError, load_bundle
 from core.decision import decide
-from core.inference import Analyzer, candidate_patches, top_cells, verify_cells
+from core.inference import Analyzer, NoBreastError, candidate_patches, top_cells, verify_cells
 from core.io import read_image
 from tests.conftest import edited_bundle
 
@@ -45,6 +45,23 @@ def test_candidates_lie_in_the_breast(analyzer, mias_dir):
     xy = a.candidates_xy.astype(int)
     assert len(xy) == analyzer.top_k
     assert a.breast_mask[xy[:, 1], xy[:, 0]].all()
+
+
+def test_an_image_without_a_breast_is_refused_with_the_reason(analyzer, mias_dir, tmp_path):
+    """A blank film, or a real one stored as 12-bit data in a 16-bit PNG (as dark as that reads),
+    would read a confident Normal; it is refused instead, and the 16-bit case says what to do."""
+    from PIL import Image
+
+    film = np.asarray(Image.open(mias_dir / "mdb028.png"))  # 8-bit, a malignant mass
+    assert analyzer.analyze(read_image(mias_dir / "mdb028.png")).breast_mask.mean() > 0.2
+    Image.fromarray(film.astype(np.uint16) * 16).save(tmp_path / "twelve_bit.png")
+    with pytest.raises(NoBreastError, match=r"^twelve_bit\.png: no breast found: .* brightest pixel "
+                       r"is 5\.3 % .* 16-bit file holding 10- to 14-bit data"):
+        analyzer.analyze(read_image(tmp_path / "twelve_bit.png"))
+    Image.fromarray(np.zeros((400, 300), np.uint8)).save(tmp_path / "blank.png")
+    with pytest.raises(NoBreastError, match=r"^blank\.png: no breast found: the image is blank or too "
+                       r"dark \(its brightest pixel is 0\.0 % of full scale; breast tissue is read from 8 % up\)$"):
+        analyzer.analyze(read_image(tmp_path / "blank.png"))
 
 
 def test_temperature_is_applied(analyzer):

@@ -57,6 +57,22 @@ def test_bars_show_exactly_the_probabilities_core_computes(
     assert analyzer.version in window.results.model_text()
 
 
+def test_an_image_without_a_breast_says_so_and_shows_no_reading(make_window, qtbot, analyzer, tmp_path):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((600, 400), 10, np.uint8))  # 4 % grey: no tissue
+    window = make_window(analyzer=analyzer, with_heatmap=False)
+    with qtbot.waitSignal(window.error_shown, timeout=60000) as blocker:
+        window.open_paths([str(blank)])
+    title, message = blocker.args
+    assert title == "Analysis failed"
+    assert message.startswith("The models cannot read this image:\n\nblank.png: no breast found: the image "
+                              "is blank or too dark (its brightest pixel is 3.9 % of full scale")
+    assert "Traceback" not in message and "model bundle" not in message
+    assert window.mammogram is not None and window.mammogram.path == blank  # still shown
+    assert window.analysis is None
+    assert window.results.bars.value_texts() == ["—"] * 3
+
+
 def test_a_film_is_read_beside_the_other_breast(make_window, qtbot, analyzer, dicom_case, settings):
     path, expected = dicom_case
     partner = find_other_breast(path)

@@ -597,8 +597,9 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("The image could not be opened", 5000)
             self.show_error("Cannot open image", self._read_error_text(path, step.value))
         elif step.kind == "analysis_failed":
-            self.results.set_status("The analysis failed.")
-            if getattr(step.value, "reason", None):  # core.io.ImageReadError: no breast in the image
+            reason = getattr(step.value, "reason", None)  # core.io.ImageReadError: no breast in it
+            self.results.set_status(f"Not analysed: {reason}." if reason else "The analysis failed.")
+            if reason:
                 message = f"The models cannot read this image:\n\n{step.value}.\n\nThe image is still shown."
             else:
                 message = (f"The model could not analyse this image:\n\n{step.value}\n\n"

@@ -71,6 +71,7 @@ def test_an_image_without_a_breast_says_so_and_shows_no_reading(make_window, qtb
     assert window.mammogram is not None and window.mammogram.path == blank  # still shown
     assert window.analysis is None
     assert window.results.bars.value_texts() == ["—"] * 3
+    assert window.results.status_text().startswith("Not analysed: no breast found: the image is blank")
 
 
 def test_a_film_is_read_beside_the_other_breast(make_window, qtbot, analyzer, dicom_case, settings):

@@ -96,13 +96,13 @@ class NoBreastError(ImageReadError):
     """
 
     def __init__(self, mammogram: Mammogram, threshold: float) -> None:
-        brightest = float(np.max(mammogram.pixels)) if mammogram.pixels.size else 0.0
+        brightest = float(mammogram.pixels.max())  # core.io never returns an empty image
         if brightest < threshold:
             reason = (f"no breast found: the image is blank or too dark (its brightest pixel is "
                       f"{100 * brightest:.1f} % of full scale; breast tissue is read from "
                       f"{100 * threshold:.0f} % up)")
-            raw = mammogram.raw
-            if mammogram.meta.get("format") != "DICOM" and raw is not None and raw.dtype.itemsize == 2:
+            meta = mammogram.meta or {}
+            if meta.get("format") != "DICOM" and meta.get("bits_stored") == 16:
                 # 16-bit PNG or TIFF files carry no bit depth of their data (DICOM's BitsStored).
                 reason += (". A 16-bit file holding 10- to 14-bit data reads this dark: export it "
                            "scaled to the full 16-bit range, or as 8-bit")

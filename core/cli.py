@@ -86,20 +86,30 @@ def _classify(argv: list[str]) -> int:
         return 2
     rows = []
     gen = classify_files(analyzer, files, args.masks, skipped, pair=not args.no_pair)
+    # On a terminal the progress line rewrites itself; into a log or a pipe it is one line a file,
+    # with the error of a file that failed, since carriage returns there make one long line.
+    live = sys.stderr.isatty()
     try:
         for row in gen:
             rows.append(row)
-            if not args.quiet:
+            if args.quiet:
+                continue
+            if live:
                 eta = row.elapsed_s / row.index * (row.total - row.index)
                 print(f"\r[{row.index}/{row.total}] {row.status:5s} eta {eta:5.0f}s  {row.path.name[:40]:40s}",
                       end="", file=sys.stderr, flush=True)
+            else:
+                detail = ""
+                if row.status != "ok":  # the error names the file first; the path is already there
+                    detail = ": " + row.error.removeprefix(f"{row.path.name}: ")
+                print(f"[{row.index}/{row.total}] {row.status:5s} {row.path}{detail}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("\nmammolab classify: interrupted; writing the rows done so far", file=sys.stderr)
     write_csv(rows, out)
     if pairs_out is not None:
         write_pairs_csv(rows, pairs_out)
     failed = sum(r.status != "ok" for r in rows)
-    if not args.quiet:
+    if live and not args.quiet:
         print(file=sys.stderr)
     paired = sum(r.other_breast is not None for r in rows)
     pairing = f", {paired} read beside the other breast" if analyzer.reads_pairs and not args.no_pair else ""

@@ -85,6 +85,19 @@ def test_cli_classify_writes_exact_columns(mixed_folder, tmp_path, capsys):
     assert "2 ok, 1 failed" in capsys.readouterr().err
 
 
+def test_cli_progress_into_a_log_is_one_line_a_file(mixed_folder, tmp_path, capsys):
+    """Piped or logged (not a terminal), progress is a line per file naming it, with the error of
+    a file that failed, and no carriage returns that would fold it all into one line."""
+    main(["classify", str(mixed_folder), "--csv", str(tmp_path / "out.csv")])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("[")]
+    assert [ln.split()[0] for ln in lines] == ["[1/3]", "[2/3]", "[3/3]"]
+    (bad,) = [ln for ln in lines if " error " in ln]
+    assert bad.count("broken.png") == 1 and bad.split("broken.png", 1)[1].startswith(": ")
+    assert sum(" ok " in ln for ln in lines) == 2
+
+
 def test_cli_named_file_always_attempted(tmp_path, capsys):
     odd = tmp_path / "named.txt"
     odd.write_text("hello")

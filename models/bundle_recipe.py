@@ -1321,6 +1321,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cv_only and args.bundle is not None:
         p.error("--cv-only trains no final models, so there is no bundle to export")
+    if args.bundle is not None:
+        from models.export import check_bundle_target
+
+        try:  # before an hour of training, not after
+            check_bundle_target(args.bundle, overwrite=True)
+        except FileExistsError as e:
+            p.error(f"--bundle {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = RecipeConfig(seed=args.seed, folds=args.folds, cls_epochs=args.cls_epochs, scan_epochs=args.scan_epochs,

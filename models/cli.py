@@ -251,9 +251,15 @@ def _export(argv: list[str]) -> int:
     if missing:
         print(f"mammolab export: no such run folder: {missing[0]}", file=sys.stderr)
         return 2
-    if out_dir.exists() and not args.overwrite:
-        print(f"mammolab export: {out_dir} exists; pass --overwrite to replace it", file=sys.stderr)
+    try:
+        from models.export import check_bundle_target
+
+        check_bundle_target(out_dir, args.overwrite, how="pass --overwrite")
+    except FileExistsError as exc:
+        print(f"mammolab export: {exc}", file=sys.stderr)
         return 2
+    except ImportError:
+        pass  # the import below says what is missing
     try:
         from models.bundle_export import export_runs
     except ImportError as exc:

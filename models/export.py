@@ -421,6 +421,39 @@ def _frameworks() -> dict[str, str]:
 # -- the bundle -------------------------------------------------------------------------------
 
 
+def check_bundle_target(out_dir: str | Path, overwrite: bool = False,
+                        how: str = "pass overwrite=True") -> None:
+    """Refuse a bundle folder that cannot be written without losing something, before any work.
+
+    A new or empty folder is fine. An existing one is replaced only with ``overwrite``, and only
+    if it is a model bundle: a ``model.json`` and no subfolders (a bundle has none). Anything else,
+    a run folder, a project or data folder, a file, would lose what it holds with the swap.
+    ``how`` is what the message tells the caller to do to overwrite (the CLI names its flag).
+
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` is a file, or a folder with content that ``overwrite`` may not replace.
+    """
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a folder for the bundle")
+    content = list(out.iterdir())
+    if not content:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another folder, or {how} "
+                              "to replace a model bundle")
+    folders = sorted(c.name for c in content if c.is_dir() and c.name != "__pycache__")
+    if not (out / "model.json").is_file() or folders:
+        held = f"it holds folders ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''})" \
+            if folders else "it has no model.json"
+        raise FileExistsError(f"{out} is not a model bundle ({held}); overwriting replaces only a "
+                              "bundle folder, so choose a new or empty folder")
+
+
 def write_bundle(
     out_dir: str | Path,
     classifier_model: Any,
@@ -455,7 +488,7 @@ def write_bundle(
     float16 : bool
         Float16 weights (see :func:`to_tflite`).
     overwrite : bool
-        Replace an existing ``out_dir`` (only once the new bundle is complete).
+        Replace an existing bundle folder ``out_dir`` (only once the new bundle is complete).
     verifier_model : keras.Model, optional
         The patch verifier, written as ``verifier.tflite`` (its number of patches must be the
         pipeline's ``verify_top`` times the number of its ``verify_shifts``, one by default);
@@ -471,7 +504,8 @@ def write_bundle(
     ValueError
         Invalid metadata, or classes that do not match the classifier's output.
     FileExistsError
-        ``out_dir`` exists and ``overwrite`` is false.
+        ``out_dir`` is a file, or a folder with content and ``overwrite`` is false, or a folder
+        that is not a bundle (see :func:`check_bundle_target`).
     ExportError
         A converted model disagrees with Keras, or the app's loader rejects the bundle.
     """
@@ -485,8 +519,7 @@ def write_bundle(
         raise ValueError("the pipeline's verify_top and the verifier model must come together "
                          f"(verify_top {verify_top}, verifier {'given' if verifier_model else 'none'})")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another folder or pass overwrite=True")
+    check_bundle_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     umask = os.umask(0)
@@ -567,11 +600,12 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     Files of the old folder that the bundle does not write (a package marker, a README) are
     carried over.
     """
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder the user made for the bundle
     if not out.exists():
         os.rename(tmp, out)
         return
-    if not overwrite:
-        raise FileExistsError(f"{out} appeared during the export")
+    check_bundle_target(out, overwrite)  # again: it may have changed during the export
     for extra in out.iterdir():
         if extra.is_file() and not (tmp / extra.name).exists():
             shutil.copy2(extra, tmp / extra.name)

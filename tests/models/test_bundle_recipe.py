@@ -952,3 +952,36 @@ def test_a_frozen_part_with_the_same_weights_is_converted_once(monkeypatch):
     w.set_weights([v * 1.5 for v in w.get_weights()])
     recipe.FrozenSplit(changed, 14)  # other frozen weights: converted anew
     assert len(converted) == 2
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_never_overwrites_what_is_not_a_bundle(tiny_run, tmp_path, capsys, overwrite):
+    """The run itself, a folder holding runs, a project folder, a file: refused before any work
+    and left as they were, with or without --overwrite."""
+    from core.cli import main
+
+    out, _, _ = tiny_run
+    parent = tmp_path / "parent"
+    (parent / "other_run").mkdir(parents=True)
+    (parent / "other_run" / "best.keras").write_bytes(b"weights")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    flag = ["--overwrite"] if overwrite else []
+
+    def snapshot(root):
+        return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before, run_before = snapshot(tmp_path), snapshot(out)
+    for target, said in [(out, "not a model bundle" if overwrite else "exists and is not empty"),
+                         (parent, "not a model bundle (it holds folders (other_run))" if overwrite
+                          else "pass --overwrite"),
+                         (project, "it has no model.json" if overwrite else "choose another folder"),
+                         (afile, "is a file; give a folder")]:
+        rc = main(["export", str(out), str(target), *flag])
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err and "Traceback" not in err, (target, err)
+    assert snapshot(tmp_path) == before and snapshot(out) == run_before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]

@@ -340,3 +340,19 @@ def test_model_card_says_which_comparison_the_bundle_makes():
     paired = export.render_model_card(metadata(pipeline=pipeline))
     assert "the other breast" in paired and "Each image is analysed on its own" not in paired
     assert "the only comparison is with the other breast's film of the same view" in paired
+
+
+def test_an_empty_folder_takes_a_bundle_and_a_non_bundle_is_never_replaced(models, tmp_path):
+    classifier, segmenter = models
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export.write_bundle(empty, classifier, segmenter, metadata())
+    assert (empty / "model.json").is_file()
+    # model.json beside a folder: not a bundle (a bundle has no subfolders), so kept whole
+    (empty / "runs").mkdir()
+    (empty / "runs" / "keep.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"not a model bundle \(it holds folders \(runs\)\)"):
+        export.write_bundle(empty, classifier, segmenter, metadata(version="0.2.0"), overwrite=True)
+    assert (empty / "runs" / "keep.txt").read_text() == "keep"
+    assert json.loads((empty / "model.json").read_text())["version"] == "0.1.0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

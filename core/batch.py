@@ -128,6 +128,8 @@ def classify_files(analyzer, files: list[Path], masks_dir: str | Path | None = N
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     used_names: set[str] = set()
+    if out_dir:  # a mask never takes the name of an image being classified
+        used_names |= {f.name for f in files if f.parent.resolve() == out_dir.resolve()}
     partner = pair_files(files) if pair and getattr(analyzer, "reads_pairs", False) else [-1] * len(files)
 
     def analyse(i: int) -> tuple[BatchRow, object]:

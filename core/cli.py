@@ -75,6 +75,9 @@ def _classify(argv: list[str]) -> int:
         print(f"mammolab classify: --pairs {pairs_out} must be a file name in an existing folder, "
               "other than the --csv file", file=sys.stderr)
         return 2
+    if args.masks and Path(args.masks).exists() and not Path(args.masks).is_dir():
+        print(f"mammolab classify: --masks {args.masks} is a file; give a folder", file=sys.stderr)
+        return 2
     try:
         analyzer = Analyzer.from_bundle(args.model)
     except BundleError as exc:
@@ -84,6 +87,13 @@ def _classify(argv: list[str]) -> int:
     if not files:
         print("mammolab classify: no image files found in the given paths", file=sys.stderr)
         return 2
+    inputs = {f.resolve() for f in files}
+    outputs = {"--csv": out.resolve(), **({"--pairs": pairs_out.resolve()} if pairs_out else {})}
+    for flag, path in outputs.items():
+        if path in inputs:
+            print(f"mammolab classify: {flag} {path} is one of the images to classify; "
+                  "give another file name", file=sys.stderr)
+            return 2
     rows = []
     gen = classify_files(analyzer, files, args.masks, skipped, pair=not args.no_pair)
     # On a terminal the progress line rewrites itself; into a log or a pipe it is one line a file,

@@ -270,3 +270,25 @@ def test_cli_says_how_many_films_were_paired(pair_folder, tmp_path, capsys):
     assert "other than the --csv file" in capsys.readouterr().err
     assert main(["classify", str(pair_folder), "--csv", str(out), "-q", "--no-pair"]) == 1
     assert "beside" not in capsys.readouterr().err
+
+
+def test_cli_never_writes_over_an_image_it_classifies(tmp_path, mias_dir, capsys):
+    """--csv or --pairs naming an input image, or --masks naming a file, is refused before any
+    work; a mask never takes the name of an input image in the same folder."""
+    d = tmp_path / "in"
+    d.mkdir()
+    film = d / "mdb001.png"
+    shutil.copy(mias_dir / "mdb001.png", film)
+    lookalike = d / "mdb001_mask.png"  # an input whose name is the mask's
+    shutil.copy(mias_dir / "mdb002.png", lookalike)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for args, said in [(["--csv", str(film)], "--csv"),
+                       (["--csv", str(tmp_path / "o.csv"), "--pairs", str(film)], "--pairs"),
+                       (["--csv", str(tmp_path / "o.csv"), "--masks", str(film)], "--masks")]:
+        assert main(["classify", str(d), *args, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and ("is one of the images" in err or "is a file" in err), err
+    assert main(["classify", str(d), "--csv", str(tmp_path / "o.csv"), "--masks", str(d), "-q"]) == 0
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name in before} == before
+    assert sorted(p.name for p in d.iterdir()) == [
+        "mdb001.png", "mdb001_mask.png", "mdb001_mask_2.png", "mdb001_mask_mask.png"]

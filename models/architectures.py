@@ -26,6 +26,7 @@ Conventions shared by all builders:
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -843,8 +844,29 @@ def build(name: str, **params: Any) -> keras.Model:
     return builder(**params)
 
 
+class ModelFileError(ValueError):
+    """A ``.keras`` file that is missing, damaged or not a Keras model."""
+
+
 def load(path: str | Path) -> keras.Model:
     """A saved ``.keras`` model, uncompiled. Its MammoLab layers (:class:`FoldPatches`,
     :class:`UnfoldPatches`) are registered by importing this module, which Keras needs to
-    rebuild them: load models through here, not ``keras.models.load_model`` directly."""
-    return keras.models.load_model(path, compile=False)
+    rebuild them: load models through here, not ``keras.models.load_model`` directly.
+
+    Raises
+    ------
+    ModelFileError
+        The file is missing or cannot be read as a Keras model (Keras itself says "File not
+        found" of a damaged file that exists).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path} is not a Keras model file (not a .keras archive); it may be "
+                             "damaged or cut short, so train or copy it again")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # a damaged archive fails in many ways inside Keras
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path} cannot be loaded as a Keras model ({first})") from exc

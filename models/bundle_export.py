@@ -405,7 +405,13 @@ def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False,
         raise RunError("give exactly one run of the bundle recipe (it holds both models)")
     run = Path(runs[0])
     config, evaluation = _read_run(run)
-    other = read_replicates(config, evaluation, list(replicates or []))  # refused before any work
+    try:  # refused before any work
+        other = read_replicates(config, evaluation, list(replicates or []))
+        meta = bundle_metadata(config, evaluation, other)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise RunError(f"{run}: its config.json or evaluation.json (or a replicate's) is incomplete "
+                       f"or altered ({type(exc).__name__}: {exc}); export needs them as the "
+                       "recipe wrote them") from exc
     classifier = load(run / "classifier.keras")
     segmenter = load(run / "segmenter.keras")
     verifier = None
@@ -413,5 +419,4 @@ def export_runs(runs: list[Path], out_dir: Path, overwrite: bool = False,
         if not (run / "verifier.keras").is_file():
             raise RunError(f"{run}: the run re-reads its top cells but has no verifier.keras")
         verifier = load(run / "verifier.keras")
-    meta = bundle_metadata(config, evaluation, other)
     return write_bundle(out_dir, classifier, segmenter, meta, overwrite=overwrite, verifier_model=verifier)

@@ -214,8 +214,12 @@ def _evaluate(argv: list[str]) -> int:
         inputs = training.load_evaluation_inputs(run, args.data, n_boot=args.n_boot, echo=_echo)
     except USAGE_ERRORS as exc:
         return _fail("evaluate", exc, 2)
+    from models.architectures import ModelFileError
+
     try:
         training.evaluate_loaded(inputs, _echo)
+    except ModelFileError as exc:
+        return _fail("evaluate", exc, 2)
     except Exception:
         return _crash("evaluate", "the evaluation")
     print(f"evaluation: {run / 'evaluation.json'}", flush=True)

@@ -8,6 +8,7 @@ model is good; the figures of the real run are in models/bundled/model.json.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -985,3 +986,21 @@ def test_export_never_overwrites_what_is_not_a_bundle(tiny_run, tmp_path, capsys
         assert rc == 2 and said in err and "Traceback" not in err, (target, err)
     assert snapshot(tmp_path) == before and snapshot(out) == run_before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    (lambda run: (run / "evaluation.json").write_text("{}"), "is incomplete or altered (KeyError: 'reports')"),
+    (lambda run: (run / "classifier.keras").write_text("garbage"),
+     "classifier.keras is not a Keras model file (not a .keras archive)"),
+], ids=["empty-evaluation", "damaged-model"])
+def test_export_of_a_damaged_run_says_what_is_wrong(tiny_run, tmp_path, capsys, damage, expected):
+    from core.cli import main
+
+    out, _, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    damage(run)
+    rc = main(["export", str(run), str(tmp_path / "bundle")])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

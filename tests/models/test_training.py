@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,21 @@ def test_evaluate_rewrites_evaluation_json(narrow_run, capsys, mias_dir):
     # Same model, same held-out images: the same point figures as at the end of training.
     first = _json(out / "predictions.json")["held_out"]
     assert evaluation["report"]["n"] == len(first["images"])
+
+
+def test_evaluate_a_damaged_model_file_says_so_in_one_line(narrow_run, capsys, mias_dir, tmp_path):
+    """Keras calls a damaged .keras file "File not found"; evaluate says what it is, exit 2."""
+    out, run = narrow_run(capsys)
+    assert run["rc"] == 0
+    damaged = tmp_path / "run"
+    shutil.copytree(out, damaged)
+    (damaged / "best.keras").write_bytes((out / "best.keras").read_bytes()[:100])
+    before = {p.name: p.read_bytes() for p in damaged.iterdir() if p.is_file()}
+    rc = main(["evaluate", str(damaged), "--data", str(mias_dir), "--n-boot", "20"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "best.keras is not a Keras model file (not a .keras archive)" in err, err
+    assert {p.name: p.read_bytes() for p in damaged.iterdir() if p.is_file()} == before
 
 
 def test_two_phase_fine_tuning_unfreezes_top_blocks_at_a_lower_rate(tmp_path, mias_dir, capsys):

@@ -171,6 +171,10 @@ def _train(argv: list[str]) -> int:
         print(f"mammolab train: interrupted; the best model so far is in {plan.out}",
               file=sys.stderr)
         return 1
+    except training.TrainingDiverged as exc:
+        print(f"mammolab train: {exc}; {plan.out} keeps what was written before, so give another "
+              "--out or remove it", file=sys.stderr)
+        return 1
     except Exception:
         return _crash("train", "the training run")
     print(f"run folder: {plan.out}", flush=True)

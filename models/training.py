@@ -222,8 +222,8 @@ class TrainConfig:
             raise ValueError(f"fine_tune_blocks must be at most {LITE0_NUM_BLOCKS + 1}")
         for name in ("learning_rate", "fine_tune_lr"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, not {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, not {value}")
         for name in ("test_fraction", "val_fraction", "mask_threshold"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
@@ -634,6 +634,10 @@ def _epoch_rows(labels: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) 
     return pos
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being a finite number (too high a learning rate, usually)."""
+
+
 def fit_model(
     model: keras.Model,
     data: Images,
@@ -660,6 +664,11 @@ def fit_model(
         The history: ``series`` (loss, metric, val_loss, val_metric, learning_rate per epoch),
         ``phase``, ``steps`` and ``seconds`` per epoch, ``phases`` (epochs run, learning rate, trainable
         parameters, what of the backbone trains), ``best_epoch`` and ``best_val_loss`` (1-based).
+
+    Raises
+    ------
+    TrainingDiverged
+        The training loss of an epoch is not finite.
     """
     segmenter = cfg.segmenter
     metric = _metric_name(segmenter)
@@ -730,6 +739,10 @@ def fit_model(
             history["steps"].append(math.ceil(len(rows) / cfg.batch_size))
             history["seconds"].append(round(seconds, 3))
             history["phases"][-1]["epochs_run"] += 1
+            if not math.isfinite(values[0]):  # the weights are no longer numbers: stop here
+                raise TrainingDiverged(
+                    f"{prefix}training diverged: the training loss is {values[0]} at epoch {epoch} "
+                    f"(phase {phase}, learning rate {lr:g}); lower the learning rate and train again")
             improved = values[2] < best_loss  # NaN never improves
             if improved:
                 best_loss, wait = values[2], 0

@@ -140,6 +140,17 @@ def test_evaluate_a_damaged_model_file_says_so_in_one_line(narrow_run, capsys, m
     assert {p.name: p.read_bytes() for p in damaged.iterdir() if p.is_file()} == before
 
 
+def test_a_diverging_run_stops_with_one_line_not_a_traceback(mias_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--arch", "narrower_cnn", "--data", str(mias_dir), "--epochs", "3",
+               "--max-steps", "2", "--limit", "12", "--learning-rate", "1e30", "--out", str(out), *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert "training diverged: the training loss is nan at epoch " in err, err
+    assert "lower the learning rate" in err and str(out) in err
+    assert not (out / "evaluation.json").exists()
+
+
 def test_two_phase_fine_tuning_unfreezes_top_blocks_at_a_lower_rate(tmp_path, mias_dir, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--arch", "transfer_efficientnet", "--random-init", "--data", str(mias_dir),
@@ -286,10 +297,12 @@ def _bad_config(tmp_path: Path, text: str) -> str:
                        "--limit", "12"], "divisible by 16"),
         (lambda d, t: ["evaluate", str(t / "no-run")], "no such run folder"),
         (lambda d, t: ["export", str(t / "no-run"), str(t / "bundle")], "no such run folder"),
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--learning-rate", "inf"],
+         "learning_rate must be a finite number > 0, not inf"),
     ],
     ids=["missing-data", "unknown-arch", "no-arch", "config-syntax", "config-unknown-key",
          "config-type", "config-missing", "limit-zero", "weights-not-efficientnet",
-         "unet-size", "evaluate-missing-run", "export-missing-run"],
+         "unet-size", "evaluate-missing-run", "export-missing-run", "learning-rate-inf"],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, mias_dir, tmp_path, capsys):
     rc = main(argv(mias_dir, tmp_path))

@@ -111,6 +111,44 @@ class NoBreastError(ImageReadError):
         super().__init__(mammogram.path, reason)
 
 
+MIN_SIDE = 256  # px; a whole mammogram is about 1000 px a side even at 0.2 mm a pixel
+MAX_ASPECT = 4.0  # longest side over shortest; films are 1 : 1 to about 1 : 2.5
+MIN_GREY_SHARE = 0.01  # of pixels between 10 % and 90 % of the image's range; films have 8 % and up
+
+
+class NotAMammogramError(ImageReadError):
+    """An image the models must not read: too small, a strip, or black and white only (a lesion
+    mask, a drawing). Each would get a confident reading of nothing, so it is refused."""
+
+
+def check_readable(mammogram: Mammogram) -> None:
+    """Refuse an image that cannot be a whole mammogram, before any model runs.
+
+    Raises
+    ------
+    NotAMammogramError
+        The image has a side under :data:`MIN_SIDE`, is longer than :data:`MAX_ASPECT` times its
+        width, or has under :data:`MIN_GREY_SHARE` of its pixels between black and white.
+    """
+    h, w = mammogram.pixels.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise NotAMammogramError(mammogram.path, (
+            f"the image is {w} x {h} pixels, too small for a mammogram (the models need at least "
+            f"{MIN_SIDE} pixels a side)"))
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        raise NotAMammogramError(mammogram.path, (
+            f"the image is {w} x {h} pixels, a strip rather than a mammogram (the models read "
+            f"images at most {MAX_ASPECT:g} times longer than wide)"))
+    sample = mammogram.pixels[:: max(1, h // 512), :: max(1, w // 512)]
+    lo, hi = float(sample.min()), float(sample.max())
+    if hi > lo:
+        grey = float(np.mean(np.abs(sample - (lo + hi) / 2) < 0.4 * (hi - lo)))
+        if grey < MIN_GREY_SHARE:
+            raise NotAMammogramError(mammogram.path, (
+                f"the image is black and white only ({100 * grey:.2f} % of its pixels in between): "
+                "a lesion mask or a drawing, not a mammogram"))
+
+
 def top_cells(cell_probs: np.ndarray, breast_cells: np.ndarray, k: int, cell_px: int) -> Candidates:
     """The ``k`` breast cells with the highest lesion probability (1 - P(normal tissue)).
 
@@ -536,10 +574,13 @@ class Analyzer:
 
         Raises
         ------
+        NotAMammogramError
+            The image cannot be a whole mammogram (see :func:`check_readable`).
         NoBreastError
             No breast is found in the image (blank or too dark).
         """
         t0 = time.perf_counter()
+        check_readable(mammogram)
         x = self.inputs_for(mammogram)
         if not x["mask"].any():
             raise NoBreastError(mammogram, self.config.threshold)

@@ -12,7 +12,15 @@ import pytest
 
 from core.bundle import BundleError, load_bundle
 from core.decision import decide
-from core.inference import Analyzer, NoBreastError, candidate_patches, top_cells, verify_cells
+from core.inference import (
+    Analyzer,
+    NoBreastError,
+    NotAMammogramError,
+    candidate_patches,
+    check_readable,
+    top_cells,
+    verify_cells,
+)
 from core.io import read_image
 from tests.conftest import edited_bundle
 
@@ -45,6 +53,30 @@ def test_candidates_lie_in_the_breast(analyzer, mias_dir):
     xy = a.candidates_xy.astype(int)
     assert len(xy) == analyzer.top_k
     assert a.breast_mask[xy[:, 1], xy[:, 0]].all()
+
+
+def test_a_mask_a_thumbnail_or_a_strip_is_refused_not_read(analyzer, miniddsm_dir, mias_dir, tmp_path):
+    """Mini-DDSM's lesion masks sit beside its films; read as films they came out "Normal 100 %".
+    A thumbnail or a strip of noise got a confident reading too. All are refused with the reason;
+    every real film here passes the same check."""
+    from PIL import Image
+
+    masks = sorted(miniddsm_dir.rglob("*_Mask.jpg"))
+    assert masks
+    with pytest.raises(NotAMammogramError, match=r"_Mask\.jpg: the image is black and white only "
+                       r"\(0\.\d\d % of its pixels in between\): a lesion mask or a drawing"):
+        analyzer.analyze(read_image(masks[0]))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "tiny.png")
+    with pytest.raises(NotAMammogramError, match=r"^tiny\.png: the image is 8 x 8 pixels, too small"):
+        analyzer.analyze(read_image(tmp_path / "tiny.png"))
+    Image.fromarray(rng.integers(0, 256, (1400, 300), dtype=np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(NotAMammogramError, match=r"^strip\.png: the image is 300 x 1400 pixels, a strip"):
+        analyzer.analyze(read_image(tmp_path / "strip.png"))
+    films = [*sorted(miniddsm_dir.rglob("*.jpg")), *sorted(mias_dir.glob("*.png"))[::10]]
+    films = [f for f in films if "mask" not in f.name.lower()]
+    for f in films:
+        check_readable(read_image(f))
 
 
 def test_an_image_without_a_breast_is_refused_with_the_reason(analyzer, mias_dir, tmp_path):

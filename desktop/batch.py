@@ -173,6 +173,7 @@ class BatchDialog(QDialog):
         self._started = 0.0
         self._cancelled = False
         self._last_folder = ""
+        self._exported_rows = 0  # rows written by the last export; more since means unsaved
 
         self.model = BatchTableModel(self)
         self.proxy = _ClassFilterModel(self)
@@ -239,6 +240,7 @@ class BatchDialog(QDialog):
         self.cancel()
         self._files = list(files)
         self._cancelled = False
+        self._exported_rows = 0
         self._last_folder = str(folder)
         self.model.clear()
         self.model.set_root(Path(folder))
@@ -262,6 +264,15 @@ class BatchDialog(QDialog):
     def is_running(self) -> bool:
         return self._worker is not None
 
+    def unsaved(self) -> str:
+        """What closing or replacing this run would lose, in words ("" for nothing)."""
+        done = len(self.model.rows())
+        if self.is_running():
+            return f"A folder batch is running ({done} of {len(self._files)} images done)"
+        if done > self._exported_rows:
+            return f"The folder batch's {done} rows have not been exported"
+        return ""
+
     def cancel(self) -> None:
         """Stop after the file in progress; rows so far stay and can be exported."""
         if self._worker is not None:
@@ -277,7 +288,10 @@ class BatchDialog(QDialog):
         """Write the rows so far with ``core.batch.write_csv`` (the columns of the CLI)."""
         from core.batch import write_csv
 
-        return write_csv(self.model.rows(), path)
+        rows = self.model.rows()
+        written = write_csv(rows, path)
+        self._exported_rows = len(rows)
+        return written
 
     def _on_worker_yielded(self, worker, item) -> None:
         if worker is not self._worker:

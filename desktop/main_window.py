@@ -768,6 +768,13 @@ class MainWindow(QMainWindow):
     # ----------------------------------------------------------------------------------------
     # Errors
 
+    def confirm(self, title: str, question: str) -> bool:
+        """Ask before discarding work: True if the user chooses Discard (Cancel is the default)."""
+        box = QMessageBox(QMessageBox.Icon.Warning, title, question,
+                          QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel, self)
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        return box.exec() == QMessageBox.StandardButton.Discard
+
     def show_error(self, title: str, message: str) -> QMessageBox:
         """A clear, specific error dialog; window-modal but non-blocking, so the app goes on."""
         log.info("%s: %s", title, message)
@@ -929,8 +936,11 @@ class MainWindow(QMainWindow):
                 "Classify Folder", f"No images were found in {folder} or its subfolders."
             )
             return None
-        self.settings.setValue("files/last_folder", str(folder))
         dialog = self._batch_dialog
+        if dialog is not None and (lost := dialog.unsaved()) and not self.confirm(
+                "Classify Folder", f"{lost}. Start a new batch and discard its results?"):
+            return None
+        self.settings.setValue("files/last_folder", str(folder))
         if dialog is None:
             dialog = BatchDialog(self, tuple(self.analyzer.classes))
             dialog.open_requested.connect(self.open_file)
@@ -1074,6 +1084,11 @@ class MainWindow(QMainWindow):
     # Closing
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        if self._batch_dialog is not None:
+            lost = self._batch_dialog.unsaved()
+            if lost and not self.confirm("Quit MammoLab", f"{lost}. Quit and discard its results?"):
+                event.ignore()
+                return
         self._save_window_settings()
         if self._batch_dialog is not None:
             self._batch_dialog.cancel()

@@ -50,6 +50,8 @@ def make_window(qtbot, settings):
             with_heatmap=with_heatmap,
             **kwargs,
         )
+        # Never a modal question in a test (a test of one replaces this with its own answer)
+        window.confirm = lambda title, question: True
         qtbot.addWidget(window)
         if size is not None:
             window.resize(*size)

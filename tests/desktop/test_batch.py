@@ -146,3 +146,33 @@ def test_batch_reads_pairs_and_says_so(make_window, qtbot, analyzer, mias_dir, t
     assert by_name["mdb007.png"].other_breast is None
     tips = [dialog.model.index(i, 0).data(Qt.ItemDataRole.ToolTipRole) for i in range(3)]
     assert tips[0].endswith("Read beside the other breast: mdb002.png") and tips[2].endswith("Read alone")
+
+
+def test_nothing_is_lost_without_asking(make_window, qtbot, analyzer, tmp_path, mias_dir):
+    """Quitting, or starting another folder, with a batch running or not exported asks first;
+    Cancel keeps everything; after an export nothing is asked."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for film in sorted(mias_dir.glob("mdb*.png"))[:6]:
+        shutil.copy(film, first / film.name)
+    shutil.copy(mias_dir / "mdb010.png", second / "mdb010.png")
+    window = make_window(analyzer=analyzer)
+    asked = []
+    answer = [False]
+    window.confirm = lambda title, question: asked.append((title, question)) or answer[0]
+    dialog = window.classify_folder(first)
+    qtbot.waitUntil(lambda: len(dialog.rows()) >= 1, timeout=60000)
+    assert window.classify_folder(second) is None  # declined: the first run goes on
+    assert asked[-1][0] == "Classify Folder" and "A folder batch is running (" in asked[-1][1]
+    assert not window.close() and window.isVisible()  # declined: still running, still here
+    assert asked[-1][0] == "Quit MammoLab" and asked[-1][1].endswith("Quit and discard its results?")
+    with qtbot.waitSignal(dialog.batch_finished, timeout=120000):
+        pass
+    assert len(dialog.rows()) == 6
+    assert not window.close()
+    assert asked[-1][1].startswith("The folder batch's 6 rows have not been exported")
+    dialog.export_csv(tmp_path / "out.csv")
+    n = len(asked)
+    answer[0] = True
+    assert window.close() and len(asked) == n  # exported: closes without a question

@@ -246,7 +246,9 @@ class MainWindow(QMainWindow):
             ["PgUp", "Ctrl+Left"],
             tip="Open the previous image in the folder",
         )
-        self.quit_action = a("&Quit", self.close, [QKeySequence.StandardKey.Quit])
+        # Some platforms (Windows, offscreen) bind no standard Quit key: Ctrl+Q there
+        quit_keys = QKeySequence.keyBindings(QKeySequence.StandardKey.Quit) or [QKeySequence("Ctrl+Q")]
+        self.quit_action = a("&Quit", self.close, quit_keys)
 
         self.fit_action = a("&Fit to Window", self.viewer.fit_to_window, ["F", "Ctrl+0"])
         self.actual_size_action = a("&Actual Size (1:1)", self.viewer.zoom_actual, ["1", "Ctrl+1"])

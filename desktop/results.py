@@ -175,6 +175,11 @@ class ResultsWidget(QWidget):
         result_layout.addWidget(self._pairing)
         result_layout.addWidget(self._lesion_area)
         layout.addWidget(result_box)
+        # Right under the reading, so it stays in view however small the window
+        self._disclaimer = QLabel(DISCLAIMER_LINE)
+        self._disclaimer.setWordWrap(True)
+        self._disclaimer.setStyleSheet("color: #b36b00; font-style: italic;")
+        layout.addWidget(self._disclaimer)
 
         layout.addWidget(self._mask_controls())
         layout.addWidget(self._heatmap_controls())
@@ -184,15 +189,9 @@ class ResultsWidget(QWidget):
         self._model_label = QLabel("No model loaded")
         self._model_label.setWordWrap(True)
         self._timing_label = QLabel("")
-        self._timing_label.setStyleSheet("color: palette(mid);")
         model_layout.addWidget(self._model_label)
         model_layout.addWidget(self._timing_label)
         layout.addWidget(model_box)
-
-        self._disclaimer = QLabel(DISCLAIMER_LINE)
-        self._disclaimer.setWordWrap(True)
-        self._disclaimer.setStyleSheet("color: #b36b00; font-style: italic;")
-        layout.addWidget(self._disclaimer)
         layout.addStretch(1)
 
     def _mask_controls(self) -> QGroupBox:

@@ -250,3 +250,15 @@ def test_a_film_alone_called_off_its_most_probable_class_says_why(qtbot, dicom_c
     assert panel.bars.emphasised() == ["Benign"]
     text = panel.predicted_text()
     assert "Model's call: <b>Benign</b>" in text and "Normal is more probable" in text
+
+
+def test_the_disclaimer_stays_in_view_beside_a_reading_in_the_smallest_window(
+        make_window, qtbot, analyzer, mias_dir):
+    """At the smallest first-start size (1024 x 700) the panel scrolls; the disclaimer sits right
+    under the bars, so it is on screen with every reading."""
+    window = make_window(analyzer=analyzer, size=(1024, 700))
+    open_and_wait(qtbot, window, mias_dir / "mdb028.png")
+    line = window.results._disclaimer
+    assert line.text().startswith("For education and research only")
+    shown = line.visibleRegion().boundingRect()
+    assert line.isVisible() and shown.height() >= line.height() - 1, (shown, line.height())

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 HEADERS = ("File", "Predicted", "Normal", "Benign", "Cancer", "Lesion area", "Status")
 ALL_ROWS, ERROR_ROWS = "All", "Errors"
+PREDICTED_TIP = ("The model's call: the class that stands highest against how common it was "
+                 "among the training films, so it can differ from the largest probability; hover "
+                 "a row to see when it does.")
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 _ERROR_BRUSH = QBrush(QColor(200, 40, 40))
 
@@ -89,6 +92,9 @@ class BatchTableModel(QAbstractTableModel):
     def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
             return HEADERS[section]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole \
+                and HEADERS[section] == "Predicted":
+            return PREDICTED_TIP
         return None
 
     def _name(self, path: Path) -> str:
@@ -132,7 +138,12 @@ class BatchTableModel(QAbstractTableModel):
             if not ok:
                 return f"{row.path}\n{row.error}"
             other = getattr(row, "other_breast", None)
-            return str(row.path) + (f"\nRead beside the other breast: {other.name}" if other else "\nRead alone")
+            tip = str(row.path) + (f"\nRead beside the other breast: {other.name}" if other else "\nRead alone")
+            top = HEADERS[2 + max(range(3), key=lambda k: probabilities[k] or 0.0)]
+            if row.predicted and row.predicted != top:
+                tip += (f"\n{top} is more probable, but {row.predicted} stands higher against how "
+                        "common it was among the training films.")
+            return tip
         if role == Qt.ItemDataRole.ForegroundRole and not ok:
             return _ERROR_BRUSH
         if role == Qt.ItemDataRole.TextAlignmentRole and 2 <= column <= 5:
@@ -232,6 +243,11 @@ class BatchDialog(QDialog):
         layout.addLayout(progress_row)
         layout.addWidget(self.table, 1)
         layout.addLayout(bottom_row)
+        note = QLabel("Predicted can differ from the largest probability (hover the column's "
+                      "header). For education and research only — not for diagnosis.")
+        note.setWordWrap(True)
+        note.setStyleSheet("color: #b36b00; font-style: italic;")
+        layout.addWidget(note)
 
     # -- running -----------------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ def test_batch_reads_pairs_and_says_so(make_window, qtbot, analyzer, mias_dir, t
     assert by_name["mdb001.png"].other_breast == folder / "mdb002.png"
     assert by_name["mdb007.png"].other_breast is None
     tips = [dialog.model.index(i, 0).data(Qt.ItemDataRole.ToolTipRole) for i in range(3)]
-    assert tips[0].endswith("Read beside the other breast: mdb002.png") and tips[2].endswith("Read alone")
+    assert "\nRead beside the other breast: mdb002.png" in tips[0] and "\nRead alone" in tips[2]
 
 
 def test_nothing_is_lost_without_asking(make_window, qtbot, analyzer, tmp_path, mias_dir):
@@ -176,3 +176,26 @@ def test_nothing_is_lost_without_asking(make_window, qtbot, analyzer, tmp_path, 
     n = len(asked)
     answer[0] = True
     assert window.close() and len(asked) == n  # exported: closes without a question
+
+
+def test_a_call_other_than_the_largest_probability_is_explained(qtbot, tmp_path):
+    from pathlib import Path
+
+    from core.batch import BatchRow
+    from desktop.batch import BatchDialog
+
+    dialog = BatchDialog()
+    qtbot.addWidget(dialog)
+    model = dialog.model
+    model.set_root(tmp_path)
+    model.append(BatchRow(path=tmp_path / "a.png", status="ok", predicted="Benign",
+                          probabilities=(0.557, 0.300, 0.143), other_breast=Path("b.png")))
+    model.append(BatchRow(path=tmp_path / "c.png", status="ok", predicted="Normal",
+                          probabilities=(0.8, 0.1, 0.1)))
+    tip = Qt.ItemDataRole.ToolTipRole
+    assert model.data(model.index(0, 1), tip).endswith(
+        "Normal is more probable, but Benign stands higher against how common it was among the "
+        "training films.")
+    assert "more probable" not in model.data(model.index(1, 1), tip)
+    assert "differ from the largest probability" in model.headerData(1, Qt.Orientation.Horizontal, tip)
+    assert any("not for diagnosis" in label.text() for label in dialog.findChildren(type(dialog._folder_label)))

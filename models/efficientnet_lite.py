@@ -655,6 +655,11 @@ def build_efficientnet_b0_backbone(
     keras.Model
         ``(B, H, W, C) -> (B, 1280)`` average-pooled features. :func:`pretrained_weights` names the
         file when one was loaded and is empty otherwise.
+
+    Raises
+    ------
+    ValueError
+        ``weights_path`` is not a weights file of that model (damaged, or another model's).
     """
     inputs = keras.Input(shape=input_shape, name=f"{name}_input")
     x = _adapt_unit_input(inputs, input_shape[-1], scale=255.0, offset=0.0, name=name)
@@ -663,7 +668,14 @@ def build_efficientnet_b0_backbone(
     )
     if weights_path is not None:
         weights_path = Path(weights_path)
-        core.load_weights(str(weights_path))
+        try:
+            core.load_weights(str(weights_path))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # h5py's OSError, Keras' ValueError for another model's weights
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{weights_path} is not a weights file of Keras' EfficientNetB0 "
+                             f"without its top (efficientnetb0_notop): {first}") from exc
         _fix_keras_imagenet_normalisation(core)
     model = keras.Model(inputs, core(x), name=name)
     if weights_path is not None:

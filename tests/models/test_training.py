@@ -299,10 +299,15 @@ def _bad_config(tmp_path: Path, text: str) -> str:
         (lambda d, t: ["export", str(t / "no-run"), str(t / "bundle")], "no such run folder"),
         (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--learning-rate", "inf"],
          "learning_rate must be a finite number > 0, not inf"),
+        (lambda d, t: ["train", "--arch", "transfer_efficientnet", "--backbone", "b0", "--data", str(d),
+                       "--input-size", "64", "--imagenet-weights",
+                       str(shutil.copy(d / "mdb001.png", t / "notop.h5"))],
+         "notop.h5 is not a weights file of Keras' EfficientNetB0 without its top"),
     ],
     ids=["missing-data", "unknown-arch", "no-arch", "config-syntax", "config-unknown-key",
          "config-type", "config-missing", "limit-zero", "weights-not-efficientnet",
-         "unet-size", "evaluate-missing-run", "export-missing-run", "learning-rate-inf"],
+         "unet-size", "evaluate-missing-run", "export-missing-run", "learning-rate-inf",
+         "b0-weights-not-h5"],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, mias_dir, tmp_path, capsys):
     rc = main(argv(mias_dir, tmp_path))

@@ -38,6 +38,7 @@ import re
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ from models.data import (
     lesion_mask,
     load_dataset,
     patient_kfold,
+    patient_labels,
     patient_split,
 )
 from models.efficientnet_lite import (
@@ -452,6 +454,13 @@ def _inner_split(records: Sequence[Record], idx: np.ndarray, fraction: float, se
     return idx[tr], idx[va]
 
 
+def _patients_by_class(records: Sequence[Record]) -> dict[str, int]:
+    """Patients per class, each counted in the class of their most severe image."""
+    worst = dict(zip((r.patient_id for r in records), patient_labels(records), strict=True))
+    counts = np.bincount(np.fromiter(worst.values(), np.int64, len(worst)), minlength=len(CLASSES))
+    return {c: int(counts[i]) for i, c in enumerate(CLASSES)}
+
+
 def make_splits(records: Sequence[Record], cfg: TrainConfig) -> dict[str, Any]:
     """Index arrays of every side (see :func:`_make_splits`).
 
@@ -460,8 +469,22 @@ def make_splits(records: Sequence[Record], cfg: TrainConfig) -> dict[str, Any]:
     DatasetError
         When there are too few patients (of a class) for the split asked for.
     """
+    patients = _patients_by_class(records)
+    census = ", ".join(f"{c} {n}" for c, n in patients.items())
+    empty = [c for c, n in patients.items() if n == 0]
+    if empty and not cfg.segmenter:
+        raise DatasetError(f"no {' or '.join(empty)} images (patients: {census}); the classifier "
+                           "learns all three classes, so each needs images")
+    parts = cfg.folds or max(2, round(1.0 / cfg.test_fraction))
+    few = [c for c, n in patients.items() if 0 < n < parts]
+    if few and not cfg.segmenter:
+        log.warning("few patients of %s (patients: %s) for %d patient folds: some held-out parts "
+                    "will have none of them, and their figures will be rough", " and ".join(few),
+                    census, parts)
     try:
-        return _make_splits(records, cfg)
+        with warnings.catch_warnings():  # said above in MammoLab's words
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+            return _make_splits(records, cfg)
     except DatasetError:
         raise
     except ValueError as exc:  # scikit-learn's splitter on too few members

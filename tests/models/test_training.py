@@ -334,3 +334,31 @@ def test_usage_error_returns_2_instead_of_exiting(capsys):
     assert "invalid int value" in capsys.readouterr().err
     assert main(["train", "-h"]) == 0
     assert "--imagenet-weights" in capsys.readouterr().out
+
+
+def _class_folder(root: Path, mias_dir: Path, counts: dict[str, int]) -> Path:
+    films = iter(sorted(mias_dir.glob("mdb*.png")))
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for _ in range(n):
+            film = next(films)
+            shutil.copy(film, root / name / film.name)
+    return root
+
+
+def test_an_empty_class_is_refused_and_a_thin_one_warned(mias_dir, tmp_path, capsys, caplog):
+    data = _class_folder(tmp_path / "d", mias_dir, {"Normal": 6, "Benign": 6, "Cancer": 0})
+    rc = main(["train", "--arch", "narrower_cnn", "--data", str(data), "--out", str(tmp_path / "run"), *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "no Cancer images (patients: Normal 6, Benign 6, Cancer 0)" in err, err
+    assert not (tmp_path / "run").exists()
+
+    from models.data import load_dataset
+    from models.training import TrainConfig, make_splits
+
+    thin = _class_folder(tmp_path / "t", mias_dir, {"Normal": 8, "Benign": 8, "Cancer": 2})
+    with caplog.at_level("WARNING", logger="models.training"):
+        splits = make_splits(load_dataset(thin), TrainConfig(arch="narrower_cnn", data=str(thin)))
+    assert splits["kind"] == "holdout"
+    assert "few patients of Cancer (patients: Normal 8, Benign 8, Cancer 2) for 5 patient folds" in caplog.text

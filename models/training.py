@@ -229,6 +229,11 @@ class TrainConfig:
         for name in ("test_fraction", "val_fraction", "mask_threshold"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
+        for name in ("test_fraction", "val_fraction"):  # one of round(1 / f) patient folds
+            if getattr(self, name) > 0.5:
+                raise ValueError(f"{name} must be at most 0.5, not {getattr(self, name)} (the "
+                                 "held-out side is one of round(1 / fraction) patient folds, so "
+                                 "at most half the patients)")
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"balance must be one of {', '.join(BALANCE_MODES)}, not {self.balance!r}")
         if self.backbone not in BACKBONES:

@@ -303,11 +303,13 @@ def _bad_config(tmp_path: Path, text: str) -> str:
                        "--input-size", "64", "--imagenet-weights",
                        str(shutil.copy(d / "mdb001.png", t / "notop.h5"))],
          "notop.h5 is not a weights file of Keras' EfficientNetB0 without its top"),
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--test-fraction", "0.95"],
+         "test_fraction must be at most 0.5, not 0.95"),
     ],
     ids=["missing-data", "unknown-arch", "no-arch", "config-syntax", "config-unknown-key",
          "config-type", "config-missing", "limit-zero", "weights-not-efficientnet",
          "unet-size", "evaluate-missing-run", "export-missing-run", "learning-rate-inf",
-         "b0-weights-not-h5"],
+         "b0-weights-not-h5", "test-fraction-over-half"],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, mias_dir, tmp_path, capsys):
     rc = main(argv(mias_dir, tmp_path))

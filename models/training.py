@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import inspect
 import json
 import logging
 import math
@@ -214,6 +215,8 @@ class TrainConfig:
         for name, least in positive.items():
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
+        if self.input_size > 2048:  # images are prepared in memory: 1000 films at 2048 px are 16 GB
+            raise ValueError(f"input_size must be at most 2048, not {self.input_size}")
         for name in ("max_steps", "limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -577,7 +580,7 @@ def build_model(cfg: TrainConfig, seed: int) -> keras.Model:
     ValueError
         For builder parameters the architecture does not accept or cannot honour.
     """
-    from models.architectures import build
+    from models.architectures import ARCHITECTURES, build
 
     keras.utils.set_random_seed(seed)
     params: dict[str, Any] = {"input_shape": (cfg.input_size, cfg.input_size, 1)}
@@ -589,7 +592,13 @@ def build_model(cfg: TrainConfig, seed: int) -> keras.Model:
     try:
         return build(cfg.arch, **params)
     except TypeError as exc:  # a key of arch_params the builder does not take
-        raise ValueError(f"architecture {cfg.arch}: {exc}") from None
+        set_here = {"input_shape", "num_classes", "backbone", "weights"}  # from other settings
+        taken = [k for k, v in inspect.signature(ARCHITECTURES[cfg.arch]).parameters.items()
+                 if k not in set_here and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+        unknown = re.search(r"keyword argument '(\w+)'", str(exc))
+        what = f"does not take {unknown.group(1)!r}" if unknown else f"cannot be built ({exc})"
+        raise ValueError(f"architecture {cfg.arch} {what}; its arch_params are: "
+                         f"{', '.join(taken) or 'none'}") from None
 
 
 def _compile(model: keras.Model, lr: float, segmenter: bool) -> None:
@@ -822,6 +831,8 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"run folder {out} is a file")
     if (out / "config.json").exists():
         raise ValueError(f"{out} already holds a run; give another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; give a new or empty folder as --out")
 
 
 def plan_run(cfg: TrainConfig, command: list[str] | None = None, echo: Echo | None = None) -> RunPlan:

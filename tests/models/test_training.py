@@ -305,11 +305,19 @@ def _bad_config(tmp_path: Path, text: str) -> str:
          "notop.h5 is not a weights file of Keras' EfficientNetB0 without its top"),
         (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--test-fraction", "0.95"],
          "test_fraction must be at most 0.5, not 0.95"),
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--arch-params", '{"x": 1}'],
+         "architecture narrower_cnn does not take 'x'; its arch_params are: filters, name"),
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--input-size", "22400"],
+         "input_size must be at most 2048, not 22400"),
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--out",
+                       str((t / "mine").mkdir() or (t / "mine" / "notes.txt").write_text("x") and t / "mine")],
+         "mine is not empty; give a new or empty folder as --out"),
     ],
     ids=["missing-data", "unknown-arch", "no-arch", "config-syntax", "config-unknown-key",
          "config-type", "config-missing", "limit-zero", "weights-not-efficientnet",
          "unet-size", "evaluate-missing-run", "export-missing-run", "learning-rate-inf",
-         "b0-weights-not-h5", "test-fraction-over-half"],
+         "b0-weights-not-h5", "test-fraction-over-half", "arch-params-unknown", "input-size-huge",
+         "out-not-empty"],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, mias_dir, tmp_path, capsys):
     rc = main(argv(mias_dir, tmp_path))

@@ -145,6 +145,7 @@ class MainWindow(QMainWindow):
         self._connect_viewer()
         self._restore_settings()
         self._show_model()
+        self._update_nav_actions()
 
     # ----------------------------------------------------------------------------------------
     # Construction
@@ -571,10 +572,13 @@ class MainWindow(QMainWindow):
             )
 
     def _update_nav_actions(self) -> None:
+        """Next, Previous and Analyse Again only where they would do something."""
         current = self._pending_path or (self.mammogram.path if self.mammogram else None)
         index = self._nav_files.index(current) if current in self._nav_files else -1
-        self.next_action.setEnabled(0 <= index < len(self._nav_files) - 1 or index == -1)
+        has_next = 0 <= index < len(self._nav_files) - 1 or (index == -1 and bool(self._nav_files))
+        self.next_action.setEnabled(current is not None and has_next)
         self.previous_action.setEnabled(index > 0)
+        self.reanalyse_action.setEnabled(self.mammogram is not None and self.mammogram.path is not None)
 
     def navigation_files(self) -> list[Path]:
         return list(self._nav_files)

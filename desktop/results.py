@@ -216,6 +216,7 @@ class ResultsWidget(QWidget):
         self.mask_opacity.setValue(45)
         self.mask_opacity.setAccessibleName("Mask fill opacity")
         self.mask_opacity.valueChanged.connect(lambda v: self.mask_opacity_changed.emit(v / 100.0))
+        self.mask_opacity.setEnabled(False)  # an outline has no fill
         self._colour_button = QPushButton()
         self._colour_button.setToolTip("Colour of the lesion mask")
         self._colour_button.clicked.connect(self._on_colour_button_clicked)
@@ -357,6 +358,7 @@ class ResultsWidget(QWidget):
         )
 
     def _on_outline_radio_toggled(self, checked: bool) -> None:
+        self.mask_opacity.setEnabled(not checked)
         self.mask_mode_changed.emit(MASK_OUTLINE if checked else MASK_FILL)
 
     def _on_colour_button_clicked(self) -> None:

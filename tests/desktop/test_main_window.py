@@ -100,7 +100,11 @@ def test_folder_navigation_next_and_previous(make_window, qtbot, tmp_path, mias_
         shutil.copy(mias_dir / name, folder / name)
     (folder / "readme.txt").write_text("not an image")
     window = make_window()
+    nothing_open = [a.isEnabled() for a in (window.next_action, window.previous_action,
+                                            window.reanalyse_action)]
+    assert nothing_open == [False, False, False]  # nothing to step through or analyse again
     open_and_wait(qtbot, window, folder / "mdb002.png")
+    assert window.reanalyse_action.isEnabled()
     assert [p.name for p in window.navigation_files()] == names
     with qtbot.waitSignal(window.image_job_finished):
         window.next_action.trigger()
@@ -166,6 +170,9 @@ def test_settings_survive_a_restart(make_window, qtbot, settings, format_files):
     assert again.heatmap_action.isChecked() and again.viewer.is_heatmap_visible()
     assert again.results.mask_opacity.value() == 70
     assert again.viewer.mask_style()[0] == "fill" and again.mask_fill_action.isChecked()
+    assert again.results.mask_opacity.isEnabled()  # a fill's opacity; an outline has none
+    again.results.set_mask_mode("outline")
+    assert not again.results.mask_opacity.isEnabled()
 
 
 def test_mask_toggle_in_menu_and_panel_stay_in_step(make_window):

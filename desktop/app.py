@@ -55,6 +55,31 @@ def load_analyzer(model_dir: str | Path | None):
         return None, str(exc)
 
 
+def startup_model(model_dir: str | Path | None, settings) -> tuple[object | None, str]:
+    """The analyzer to start on, and what to tell the user ("" when nothing went wrong).
+
+    ``--model`` first; else the bundle last loaded from the Analysis menu (remembered in
+    ``settings``); else the bundled model. A bundle that cannot be loaded gives way to the bundled
+    model, with the reason; a remembered one is then forgotten, so it is reported once.
+    """
+    from desktop.main_window import LAST_BUNDLE_KEY
+
+    remembered = "" if model_dir is not None else str(settings.value(LAST_BUNDLE_KEY, "") or "")
+    wanted = model_dir if model_dir is not None else (remembered or None)
+    analyzer, error = load_analyzer(wanted)
+    if error is None:
+        return analyzer, ""
+    if remembered:
+        settings.setValue(LAST_BUNDLE_KEY, "")
+    where = (f"The model bundle {wanted}" + (", last loaded from the Analysis menu," if remembered else "")
+             if wanted is not None else "The bundled model")
+    if wanted is not None:
+        analyzer, _ = load_analyzer(None)
+    now = (f"MammoLab uses {analyzer.name} v{analyzer.version} instead." if analyzer is not None
+           else "The viewer works; analysis is off until a model bundle is loaded.")
+    return analyzer, f"{where} could not be loaded:\n\n{error}\n\n{now}"
+
+
 def run_gui(paths: list[str], model_dir: str | None = None, screenshot: str | None = None) -> int:
     """Run the desktop app until its window closes; returns the exit code.
 
@@ -67,30 +92,16 @@ def run_gui(paths: list[str], model_dir: str | None = None, screenshot: str | No
     app = make_application()
     from desktop.main_window import MainWindow
 
-    analyzer, model_error = load_analyzer(model_dir)
-    if model_error and model_dir is not None and screenshot is None:
-        # Keep working on the bundled model and say why the requested one was not used.
-        fallback, fallback_error = load_analyzer(None)
-        if fallback is not None:
-            analyzer = fallback
-    if screenshot is not None:
+    if screenshot is not None:  # exactly the model asked for, never a remembered one
+        analyzer, model_error = load_analyzer(model_dir)
         return _run_screenshot(app, paths, analyzer, model_error, Path(screenshot))
 
-    window = MainWindow(analyzer=analyzer)
+    settings = QSettings()
+    analyzer, message = startup_model(model_dir, settings)
+    window = MainWindow(analyzer=analyzer, settings=settings)
     window.show()
-    if model_error:
-        where = f"The model bundle {model_dir}" if model_dir else "The bundled model"
-        now = (
-            f"MammoLab uses {analyzer.name} v{analyzer.version} instead."
-            if analyzer is not None
-            else "The viewer works; analysis is off until a model bundle is loaded."
-        )
-        QTimer.singleShot(
-            0,
-            lambda: window.show_error(
-                "Model bundle refused", f"{where} could not be loaded:\n\n{model_error}\n\n{now}"
-            ),
-        )
+    if message:
+        QTimer.singleShot(0, lambda: window.show_error("Model bundle refused", message))
     to_open = list(paths) or [str(p) for p in sample_images()[:1]]
     if to_open:
         QTimer.singleShot(0, lambda: window.open_paths(to_open))

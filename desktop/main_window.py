@@ -93,6 +93,9 @@ def app_icon() -> QIcon:
     return QIcon(str(resources_dir() / "icons" / "mammolab.svg"))
 
 
+LAST_BUNDLE_KEY = "model/last_bundle"  # settings: a bundle loaded from the menu, "" the bundled one
+
+
 class MainWindow(QMainWindow):
     """The workstation window. Signals let the app and the tests follow each image's life."""
 
@@ -1001,6 +1004,8 @@ class MainWindow(QMainWindow):
             return False
         QApplication.restoreOverrideCursor()
         self.set_analyzer(analyzer)
+        # The next start opens this bundle again (desktop.app.startup_model)
+        self.settings.setValue(LAST_BUNDLE_KEY, str(Path(folder).resolve()) if folder is not None else "")
         self.statusBar().showMessage(f"Model {analyzer.name} v{analyzer.version} loaded", 5000)
         return True
 

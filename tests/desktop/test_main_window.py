@@ -271,3 +271,33 @@ def test_window_preset_box_follows_the_viewer(make_window, qtbot, format_files):
     last = window.viewer.window_presets()[-1]
     combo.activated.emit(combo.count() - 1)
     assert window.viewer.window() == last and combo.currentText() == last.name
+
+
+def test_a_bundle_loaded_from_the_menu_is_used_again_at_the_next_start(make_window, settings, analyzer,
+                                                                      tmp_path, monkeypatch):
+    """Load Model Bundle is remembered; Use Bundled Model forgets it; a remembered bundle that no
+    longer loads gives way to the bundled model, is reported once, and is forgotten."""
+    from core.paths import default_bundle_dir
+    from desktop.app import startup_model
+    from desktop.main_window import LAST_BUNDLE_KEY
+    from tests.conftest import edited_bundle
+
+    mine = edited_bundle(default_bundle_dir(), tmp_path / "mine", lambda card: card.update(name="Mine"))
+    window = make_window(analyzer=analyzer)
+    assert window.load_bundle(mine)
+    assert settings.value(LAST_BUNDLE_KEY) == str(mine.resolve())
+    started, message = startup_model(None, settings)
+    assert started.name == "Mine" and message == ""
+    started, _ = startup_model(str(default_bundle_dir()), settings)  # --model wins
+    assert started.name != "Mine"
+    assert window.load_bundle(None)
+    assert settings.value(LAST_BUNDLE_KEY) == ""
+    assert startup_model(None, settings)[0].name == analyzer.name
+
+    settings.setValue(LAST_BUNDLE_KEY, str(tmp_path / "gone"))
+    started, message = startup_model(None, settings)
+    assert started is not None and started.name == analyzer.name
+    assert message.startswith(f"The model bundle {tmp_path / 'gone'}, last loaded from the Analysis menu, "
+                              "could not be loaded:")
+    assert message.endswith(f"MammoLab uses {analyzer.name} v{analyzer.version} instead.")
+    assert settings.value(LAST_BUNDLE_KEY) == ""

@@ -123,8 +123,8 @@ class BatchTableModel(QAbstractTableModel):
             if column == 5:
                 area = row.lesion_area_frac
                 return "" if area is None else f"{100.0 * area:.2f} %"
-            if column == 6:
-                return "ok" if ok else f"error: {row.error}"
+            if column == 6:  # the file is named in the first column already
+                return "ok" if ok else f"error: {row.error.removeprefix(f'{Path(row.path).name}: ')}"
         if role == SORT_ROLE:
             if column in (2, 3, 4):
                 p = probabilities[column - 2]
@@ -204,6 +204,8 @@ class BatchDialog(QDialog):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setAlternatingRowColors(True)
+        self.table.setWordWrap(False)  # one line a file; long paths lose their middle
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.verticalHeader().hide()
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
@@ -229,9 +231,10 @@ class BatchDialog(QDialog):
 
         progress_row = QHBoxLayout()
         progress_row.addWidget(self.progress, 1)
-        progress_row.addWidget(self.count_label)
-        progress_row.addWidget(self.eta_label)
         progress_row.addWidget(self.cancel_button)
+        count_row = QHBoxLayout()  # a line of its own: growing texts never squeeze the bar
+        count_row.addWidget(self.count_label, 1)
+        count_row.addWidget(self.eta_label)
         bottom_row = QHBoxLayout()
         bottom_row.addWidget(QLabel("Show:"))
         bottom_row.addWidget(self.filter_combo)
@@ -241,6 +244,7 @@ class BatchDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(self._folder_label)
         layout.addLayout(progress_row)
+        layout.addLayout(count_row)
         layout.addWidget(self.table, 1)
         layout.addLayout(bottom_row)
         note = QLabel("Predicted can differ from the largest probability (hover the column's "

@@ -192,6 +192,8 @@ def test_a_call_other_than_the_largest_probability_is_explained(qtbot, tmp_path)
                           probabilities=(0.557, 0.300, 0.143), other_breast=Path("b.png")))
     model.append(BatchRow(path=tmp_path / "c.png", status="ok", predicted="Normal",
                           probabilities=(0.8, 0.1, 0.1)))
+    model.append(BatchRow(path=tmp_path / "bad.png", status="error", error="bad.png: file not found"))
+    assert model.data(model.index(2, 6)) == "error: file not found"  # the File column names it
     tip = Qt.ItemDataRole.ToolTipRole
     assert model.data(model.index(0, 1), tip).endswith(
         "Normal is more probable, but Benign stands higher against how common it was among the "

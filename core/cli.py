@@ -98,7 +98,7 @@ def _classify(argv: list[str]) -> int:
     gen = classify_files(analyzer, files, args.masks, skipped, pair=not args.no_pair)
     # On a terminal the progress line rewrites itself; into a log or a pipe it is one line a file,
     # with the error of a file that failed, since carriage returns there make one long line.
-    live = sys.stderr.isatty()
+    live = sys.stderr is not None and sys.stderr.isatty()
     try:
         for row in gen:
             rows.append(row)

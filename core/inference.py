@@ -122,7 +122,8 @@ class NotAMammogramError(ImageReadError):
 
 
 def check_readable(mammogram: Mammogram) -> None:
-    """Refuse an image that cannot be a whole mammogram, before any model runs.
+    """Refuse an image that cannot be a whole mammogram (:meth:`Analyzer.analyze` runs the size
+    check before the models and the grey check after looking for the breast).
 
     Raises
     ------
@@ -130,15 +131,29 @@ def check_readable(mammogram: Mammogram) -> None:
         The image has a side under :data:`MIN_SIDE`, is longer than :data:`MAX_ASPECT` times its
         width, or has under :data:`MIN_GREY_SHARE` of its pixels between black and white.
     """
+    check_size(mammogram)
+    check_greys(mammogram)
+
+
+def check_size(mammogram: Mammogram) -> None:
+    """Refuse a thumbnail or a strip (see :func:`check_readable`)."""
     h, w = mammogram.pixels.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise NotAMammogramError(mammogram.path, (
-            f"the image is {w} x {h} pixels, too small for a mammogram (the models need at least "
-            f"{MIN_SIDE} pixels a side)"))
+            f"the image is {w} x {h} pixels, too small for a mammogram (the models read lesions at "
+            f"full resolution and need at least {MIN_SIDE} pixels a side; open the original, not a "
+            "downsampled copy)"))
     if max(h, w) > MAX_ASPECT * min(h, w):
         raise NotAMammogramError(mammogram.path, (
             f"the image is {w} x {h} pixels, a strip rather than a mammogram (the models read "
             f"images at most {MAX_ASPECT:g} times longer than wide)"))
+
+
+def check_greys(mammogram: Mammogram) -> None:
+    """Refuse an image of black and white only (see :func:`check_readable`). Its range is the
+    image's own, so :class:`NoBreastError` (blank, or data darker than its container) comes
+    first where a breast is looked for: its reason says more."""
+    h, w = mammogram.pixels.shape[:2]
     sample = mammogram.pixels[:: max(1, h // 512), :: max(1, w // 512)]
     lo, hi = float(sample.min()), float(sample.max())
     if hi > lo:
@@ -580,10 +595,11 @@ class Analyzer:
             No breast is found in the image (blank or too dark).
         """
         t0 = time.perf_counter()
-        check_readable(mammogram)
+        check_size(mammogram)
         x = self.inputs_for(mammogram)
         if not x["mask"].any():
             raise NoBreastError(mammogram, self.config.threshold)
+        check_greys(mammogram)
         t1 = time.perf_counter()
         in_breast = self.breast_cells(x["canvas_breast"])
         cells = self.cell_map(x["canvas"], in_breast)

@@ -148,7 +148,6 @@ class MainWindow(QMainWindow):
         self._connect_viewer()
         self._restore_settings()
         self._show_model()
-        self._update_nav_actions()
 
     # ----------------------------------------------------------------------------------------
     # Construction
@@ -581,7 +580,8 @@ class MainWindow(QMainWindow):
         has_next = 0 <= index < len(self._nav_files) - 1 or (index == -1 and bool(self._nav_files))
         self.next_action.setEnabled(current is not None and has_next)
         self.previous_action.setEnabled(index > 0)
-        self.reanalyse_action.setEnabled(self.mammogram is not None and self.mammogram.path is not None)
+        self.reanalyse_action.setEnabled(self.analyzer is not None and self.mammogram is not None
+                                         and self.mammogram.path is not None)
 
     def navigation_files(self) -> list[Path]:
         return list(self._nav_files)
@@ -1025,8 +1025,9 @@ class MainWindow(QMainWindow):
             self.results.set_model(analyzer.name, analyzer.version, tuple(analyzer.classes))
         else:
             self.results.set_model(None, None)
-        for action in (self.model_card_action, self.reanalyse_action, self.classify_folder_action):
+        for action in (self.model_card_action, self.classify_folder_action):
             action.setEnabled(has_model)
+        self._update_nav_actions()  # Analyse Again needs a model and an image
 
     def _on_model_card_triggered(self) -> None:
         if self.analyzer is not None:

@@ -477,12 +477,14 @@ def make_splits(records: Sequence[Record], cfg: TrainConfig) -> dict[str, Any]:
     DatasetError
         When there are too few patients (of a class) for the split asked for.
     """
-    patients = _patients_by_class(records)
-    census = ", ".join(f"{c} {n}" for c, n in patients.items())
-    empty = [c for c, n in patients.items() if n == 0]
+    images = np.bincount([r.label_index for r in records], minlength=len(CLASSES))
+    empty = [c for c, n in zip(CLASSES, images, strict=True) if n == 0]
     if empty and not cfg.segmenter:
-        raise DatasetError(f"no {' or '.join(empty)} images (patients: {census}); the classifier "
+        found = ", ".join(f"{c} {n}" for c, n in zip(CLASSES, images, strict=True))
+        raise DatasetError(f"no {' or '.join(empty)} images (images: {found}); the classifier "
                            "learns all three classes, so each needs images")
+    patients = _patients_by_class(records)  # by each patient's most severe image, as the folds
+    census = ", ".join(f"{c} {n}" for c, n in patients.items())
     parts = cfg.folds or max(2, round(1.0 / cfg.test_fraction))
     few = [c for c, n in patients.items() if 0 < n < parts]
     if few and not cfg.segmenter:

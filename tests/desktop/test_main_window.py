@@ -103,6 +103,8 @@ def test_folder_navigation_next_and_previous(make_window, qtbot, tmp_path, mias_
     nothing_open = [a.isEnabled() for a in (window.next_action, window.previous_action,
                                             window.reanalyse_action)]
     assert nothing_open == [False, False, False]  # nothing to step through or analyse again
+    window.load_bundle(None)  # a model, still no image: nothing to analyse again
+    assert not window.reanalyse_action.isEnabled()
     open_and_wait(qtbot, window, folder / "mdb002.png")
     assert window.reanalyse_action.isEnabled()
     assert [p.name for p in window.navigation_files()] == names

@@ -267,6 +267,13 @@ def test_lesion_multibranch_hands_over_to_its_recipe(tmp_path, mias_dir, monkeyp
     assert cfg.scan_epochs == bundle_recipe.RecipeConfig().scan_epochs  # not given: the recipe's
 
 
+def _folder_with_a_file(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
 def _bad_config(tmp_path: Path, text: str) -> str:
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -309,8 +316,7 @@ def _bad_config(tmp_path: Path, text: str) -> str:
          "architecture narrower_cnn does not take 'x'; its arch_params are: filters, name"),
         (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--input-size", "22400"],
          "input_size must be at most 2048, not 22400"),
-        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--out",
-                       str((t / "mine").mkdir() or (t / "mine" / "notes.txt").write_text("x") and t / "mine")],
+        (lambda d, t: ["train", "--arch", "narrower_cnn", "--data", str(d), "--out", str(_folder_with_a_file(t))],
          "mine is not empty; give a new or empty folder as --out"),
     ],
     ids=["missing-data", "unknown-arch", "no-arch", "config-syntax", "config-unknown-key",
@@ -361,7 +367,7 @@ def test_an_empty_class_is_refused_and_a_thin_one_warned(mias_dir, tmp_path, cap
     rc = main(["train", "--arch", "narrower_cnn", "--data", str(data), "--out", str(tmp_path / "run"), *SMALL])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert "no Cancer images (patients: Normal 6, Benign 6, Cancer 0)" in err, err
+    assert "no Cancer images (images: Normal 6, Benign 6, Cancer 0)" in err, err
     assert not (tmp_path / "run").exists()
 
     from models.data import load_dataset

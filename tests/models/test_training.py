@@ -378,3 +378,17 @@ def test_an_empty_class_is_refused_and_a_thin_one_warned(mias_dir, tmp_path, cap
         splits = make_splits(load_dataset(thin), TrainConfig(arch="narrower_cnn", data=str(thin)))
     assert splits["kind"] == "holdout"
     assert "few patients of Cancer (patients: Normal 8, Benign 8, Cancer 2) for 5 patient folds" in caplog.text
+
+
+def test_normal_films_of_lesion_patients_count_as_normal_images(mias_dir):
+    """MIAS women with a lesion in one breast have a normal film of the other: kept alone, they
+    still give the classifier normal images, though no patient's worst class is Normal."""
+    from models.data import load_dataset, patient_labels
+    from models.training import TrainConfig, make_splits
+
+    records = load_dataset(mias_dir)
+    worst = patient_labels(records)
+    lesion_women = [r for r, w in zip(records, worst, strict=True) if w > 0]
+    assert any(r.label_index == 0 for r in lesion_women)
+    splits = make_splits(lesion_women, TrainConfig(arch="narrower_cnn", data=str(mias_dir)))
+    assert splits["kind"] == "holdout" and len(splits["test"]) > 0

@@ -126,7 +126,9 @@ class Mammogram:
         ``format``, ``width``, ``height``, ``bits_stored``, ``laterality`` ("L", "R" or None),
         ``view`` ("CC", "MLO", ... or None), ``pixel_spacing_mm`` ((row, col) or None),
         ``window`` ((centre, width) in raw units or None), ``windows`` (list of (centre, width,
-        explanation)), ``frames``, ``photometric``, ``transfer_syntax``, ``voi`` (the display
+        explanation)), ``window_function`` (the DICOM VOI LUT Function of those windows,
+        "LINEAR" by default), ``stored_range`` ((low, high): every value ``raw`` can hold, in
+        its units), ``frames``, ``photometric``, ``transfer_syntax``, ``voi`` (the display
         mapping applied, in words), ``inverted`` and ``dicom_tags`` (list of dicts with ``tag``,
         ``keyword``, ``name``, ``vr``, ``value``; empty for other formats).
     path : pathlib.Path or None
@@ -368,6 +370,8 @@ def _read_dicom(path: Path, force: bool) -> Mammogram:
         "pixel_spacing_mm": _pixel_spacing(ds),
         "window": windows[0][:2] if windows else None,
         "windows": windows,
+        "window_function": str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR",
+        "stored_range": _raw_range(raw, ds),
         "frames": int(ds.get("NumberOfFrames") or 1),
         "photometric": photometric,
         "transfer_syntax": ds.file_meta.TransferSyntaxUID.name,
@@ -440,7 +444,8 @@ def _display(modality: np.ndarray, ds: Dataset, inverted: bool) -> tuple[np.ndar
             else:
                 function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
                 voi_name = f"window ({function.lower()})"
-    span = float(high - low) or 1.0
+                low, high = _modality_range(ds, rising=False)  # the range pydicom maps into
+    span = float(high - low) or 1.0  # negative for a falling range: still maps low to 0
     scaled = (np.asarray(out, dtype=np.float64) - float(low)) / span
     display = np.clip(scaled, 0.0, 1.0).astype(np.float32)
     if inverted:
@@ -448,11 +453,13 @@ def _display(modality: np.ndarray, ds: Dataset, inverted: bool) -> tuple[np.ndar
     return display, voi_name
 
 
-def _modality_range(ds: Dataset) -> tuple[float, float]:
+def _modality_range(ds: Dataset, rising: bool = True) -> tuple[float, float]:
     """The stored range after the modality LUT or rescale, in rising order.
 
     The same range pydicom's windowing maps into, so a window's output and the no-window case
-    share one normalisation.
+    share one normalisation. ``rising=False`` keeps pydicom's own order: with a negative
+    rescale slope its window output runs from the image of the lowest stored value down to the
+    image of the highest, so ``(low, high)`` is then falling.
     """
     if ds.get("ModalityLUTSequence"):
         depth = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
@@ -464,8 +471,21 @@ def _modality_range(ds: Dataset) -> tuple[float, float]:
         low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
     if "RescaleSlope" in ds and "RescaleIntercept" in ds:
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-        low, high = sorted((low * slope + intercept, high * slope + intercept))
+        low, high = low * slope + intercept, high * slope + intercept
+        if rising:
+            low, high = sorted((low, high))
     return low, high
+
+
+def _raw_range(raw: np.ndarray, ds: Dataset) -> tuple[float, float]:
+    """The range ``raw`` can hold: the stored range after the modality LUT or rescale when
+    ``raw`` holds those values, else the stored values' own range."""
+    if raw.dtype.kind == "f" or "RescaleSlope" in ds or ds.get("ModalityLUTSequence"):
+        return _modality_range(ds)
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation") or 0) == 0:
+        return 0.0, float(2**bits - 1)
+    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
 
 
 def _voi_lut_range(ds: Dataset) -> tuple[float, float]:
@@ -657,6 +677,8 @@ def _read_pillow(path: Path) -> Mammogram:
         "pixel_spacing_mm": None,
         "window": None,
         "windows": [],
+        "window_function": "LINEAR",
+        "stored_range": (0.0, float(full_scale)),
         "frames": frames,
         "photometric": None,
         "transfer_syntax": None,

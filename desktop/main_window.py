@@ -641,7 +641,9 @@ class MainWindow(QMainWindow):
         self.other_breast = None
         meta = mammogram.meta or {}
         self.viewer.set_image(
-            mammogram.pixels, mammogram.raw, meta.get("windows") or [], meta.get("photometric")
+            mammogram.pixels, mammogram.raw, meta.get("windows") or [], meta.get("photometric"),
+            inverted=meta.get("inverted"), stored_range=meta.get("stored_range"),
+            window_function=meta.get("window_function") or "LINEAR",
         )
         self._fill_window_combo()
         self._rebuild_window_menu()

@@ -50,15 +50,18 @@ def quantise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def window_lut(
-    centre: float, width: float, lo: float, hi: float, invert: bool = False
+    centre: float, width: float, lo: float, hi: float, invert: bool = False,
+    function: str = "LINEAR",
 ) -> np.ndarray:
-    """The 8-bit lookup table of a linear window over an index image quantised from ``[lo, hi]``.
+    """The 8-bit lookup table of a window over an index image quantised from ``[lo, hi]``.
 
     Parameters
     ----------
     centre, width : the window, in the same units as ``lo`` and ``hi``
     lo, hi : the values at index 0 and index 65535
     invert : white for low values instead of black
+    function : "SIGMOID" for the DICOM sigmoid VOI function, 1 / (1 + exp(-4 (x - c) / w));
+        anything else is a linear window
 
     Returns
     -------
@@ -66,7 +69,11 @@ def window_lut(
     """
     values = np.linspace(lo, hi, INDEX_LEVELS, dtype=np.float64)
     width = max(float(width), 1e-12)
-    grey = (values - (centre - width / 2.0)) / width
+    if function.upper() == "SIGMOID":
+        with np.errstate(over="ignore"):
+            grey = 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+    else:
+        grey = (values - (centre - width / 2.0)) / width
     np.clip(grey, 0.0, 1.0, out=grey)
     if invert:
         grey = 1.0 - grey

@@ -57,6 +57,7 @@ class WindowPreset:
     centre: float
     width: float
     source: str = "display"
+    function: str = "LINEAR"  # or "SIGMOID", the DICOM VOI LUT Function of the file's windows
 
 
 DEFAULT_PRESET = WindowPreset("Default (as read)", 0.5, 1.0, "display")
@@ -144,6 +145,10 @@ class ImageViewerWidget(QGraphicsView):
         raw: np.ndarray | None = None,
         windows: list | tuple = (),
         photometric: str | None = None,
+        *,
+        inverted: bool | None = None,
+        stored_range: tuple[float, float] | None = None,
+        window_function: str = "LINEAR",
     ) -> None:
         """Show a new image, fitted to the view, with the default window and no overlays.
 
@@ -153,26 +158,36 @@ class ImageViewerWidget(QGraphicsView):
         raw : (H, W) stored values (``Mammogram.raw``), for the DICOM's own windows
         windows : the DICOM's windows, ``(centre, width, explanation)`` in raw units
         photometric : DICOM photometric interpretation; MONOCHROME1 inverts raw windows
+        inverted : whether high raw values are less dense (``meta["inverted"]``: MONOCHROME1 or
+            Presentation LUT Shape INVERSE); given, it wins over ``photometric``
+        stored_range : every value ``raw`` can hold (``meta["stored_range"]``), for the "Full
+            stored range" preset; without it, the image's own minimum and maximum
+        window_function : the DICOM VOI LUT Function of ``windows`` ("LINEAR" or "SIGMOID")
         """
         self.clear_overlays()
         self._pixels = pixels
         self._raw = raw
         self._index_cache = {}
-        self._raw_inverted = (photometric or "").upper() == "MONOCHROME1"
+        self._raw_inverted = ((photometric or "").upper() == "MONOCHROME1" if inverted is None
+                              else bool(inverted))
         self._presets = [DEFAULT_PRESET]
         if raw is not None and raw.size:
             lo, hi = float(np.min(raw)), float(np.max(raw))
-            self._raw_range = (lo, hi if hi > lo else lo + 1.0)
+            full_lo, full_hi = (lo, hi) if stored_range is None else map(float, stored_range)
+            # Quantised over everything a preset can show, so the stored range fits too
+            top = max(hi, full_hi)
+            self._raw_range = (min(lo, full_lo), top if top > min(lo, full_lo) else top + 1.0)
             for number, window in enumerate(windows or (), start=1):
                 centre, width = float(window[0]), float(window[1])
                 explanation = str(window[2]) if len(window) > 2 and window[2] else ""
                 name = explanation or f"DICOM window {number}"
+                self._presets.append(WindowPreset(f"{name} (C {centre:g} / W {width:g})", centre,
+                                                  width, "raw", window_function.upper()))
+            self._presets.append(WindowPreset(
+                "Full stored range", (full_lo + full_hi) / 2.0, max(full_hi - full_lo, 1.0), "raw"))
+            if (lo, hi) != (full_lo, full_hi):
                 self._presets.append(
-                    WindowPreset(f"{name} (C {centre:g} / W {width:g})", centre, width, "raw")
-                )
-            self._presets.append(
-                WindowPreset("Full stored range", (lo + hi) / 2.0, max(hi - lo, 1.0), "raw")
-            )
+                    WindowPreset("Image minimum to maximum", (lo + hi) / 2.0, max(hi - lo, 1.0), "raw"))
         self._window = DEFAULT_PRESET
         height, width = pixels.shape
         self.scene().setSceneRect(QRectF(0, 0, width, height))
@@ -230,7 +245,8 @@ class ImageViewerWidget(QGraphicsView):
         source = self._window.source if self._raw is not None else "display"
         lo, hi = self._source_range(source)
         invert = self._inverted != (source == "raw" and self._raw_inverted)
-        lut = render.window_lut(self._window.centre, self._window.width, lo, hi, invert)
+        lut = render.window_lut(self._window.centre, self._window.width, lo, hi, invert,
+                                self._window.function)
         index = self._index(source)
         step = max(1, math.floor(1.0 / self.zoom())) if preview else 1
         if step > 1:
@@ -378,7 +394,7 @@ class ImageViewerWidget(QGraphicsView):
             width = start.width + delta.x() * per_px
             centre = start.centre - delta.y() * per_px
             lo_w = (hi - lo) / render.INDEX_MAX * 2.0
-            self._window = WindowPreset("Custom", centre, max(width, lo_w), start.source)
+            self._window = WindowPreset("Custom", centre, max(width, lo_w), start.source, start.function)
             self.window_changed.emit(self._window.centre, self._window.width, start.source)
             if not self._wl_timer.isActive():
                 self._wl_timer.start()

@@ -244,6 +244,30 @@ def test_rescale_slope_intercept(tmp_path):
     np.testing.assert_allclose(m.pixels, arr / 4095, atol=1e-6)
 
 
+def test_a_window_keeps_the_grey_direction_of_a_negative_rescale_slope(tmp_path):
+    """pydicom's window output runs from the image of the lowest stored value to that of the
+    highest, which falls with a negative slope: the window read the film as a negative."""
+    arr = ramp12()
+    tags = dict(bits_stored=12, RescaleSlope=-1, RescaleIntercept=4095)
+    plain = read_image(write_dicom(tmp_path / "n.dcm", arr, **tags))
+    windowed = read_image(write_dicom(tmp_path / "nw.dcm", arr, WindowCenter=2048,
+                                      WindowWidth=4096, **tags))
+    assert np.array_equal(plain.raw, 4095 - arr.astype(np.int64))
+    np.testing.assert_allclose(plain.pixels, (4095 - arr) / 4095, atol=1e-6)  # denser: brighter
+    np.testing.assert_allclose(windowed.pixels, plain.pixels, atol=2e-3)  # a neutral window
+    assert plain.meta["stored_range"] == (0.0, 4095.0)
+
+
+def test_stored_range_is_what_raw_can_hold(tmp_path):
+    arr = np.array([[-2000, 0, 2000]], dtype=np.int16)
+    signed = read_image(write_dicom(tmp_path / "s.dcm", arr, bits_stored=16))
+    assert signed.meta["stored_range"] == (-32768.0, 32767.0)
+    assert signed.meta["window_function"] == "LINEAR"
+    rescaled = read_image(write_dicom(tmp_path / "r.dcm", ramp12(), bits_stored=12,
+                                      RescaleSlope=2, RescaleIntercept=-100))
+    assert rescaled.meta["stored_range"] == (-100.0, 8090.0)
+
+
 def test_linear_window_known_values(tmp_path):
     arr = np.array([[0, 900, 950, 1000, 1100, 4095]], dtype=np.uint16)
     path = write_dicom(tmp_path / "w.dcm", arr, bits_stored=12, WindowCenter=1000, WindowWidth=200)

@@ -8,6 +8,7 @@ from PySide6.QtCore import QEvent, QPointF, Qt
 from PySide6.QtGui import QColor, QMouseEvent, QWheelEvent
 from PySide6.QtWidgets import QApplication
 
+from core.io import read_image
 from desktop.viewer import DEFAULT_PRESET, MASK_FILL, ImageViewerWidget
 
 
@@ -129,6 +130,46 @@ def test_monochrome1_raw_windows_keep_dense_tissue_bright(viewer):
     default = viewer.rendered_grey().copy()
     viewer.apply_preset(viewer.window_presets()[1])
     assert default[0, 0] == 255 and viewer.rendered_grey()[0, 0] >= 250
+
+
+def test_every_preset_keeps_the_grey_direction_of_an_inverse_presentation_lut(viewer, tmp_path):
+    """MONOCHROME2 with Presentation LUT Shape INVERSE: core inverts the default view; the raw
+    presets have to follow it, or picking one shows a negative."""
+    from tests.core.test_io import write_dicom
+
+    arr = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (20, 1))
+    m = read_image(write_dicom(tmp_path / "i.dcm", arr, bits_stored=12, PresentationLUTShape="INVERSE",
+                               WindowCenter=2048, WindowWidth=2048))
+    meta = m.meta
+    viewer.set_image(m.pixels, m.raw, meta["windows"], meta["photometric"], inverted=meta["inverted"],
+                     stored_range=meta["stored_range"], window_function=meta["window_function"])
+    for preset in viewer.window_presets():
+        viewer.apply_preset(preset)
+        grey = viewer.rendered_grey()[0]
+        assert grey[0] > grey[-1], preset.name  # low stored values are the dense ones here
+
+
+def test_full_stored_range_and_sigmoid_presets_follow_the_file(viewer, tmp_path):
+    from tests.core.test_io import write_dicom
+
+    arr = np.tile(np.linspace(-2000, 2000, 256).astype(np.int16), (10, 1))
+    m = read_image(write_dicom(tmp_path / "s.dcm", arr, bits_stored=16))
+    viewer.set_image(m.pixels, m.raw, [], None, stored_range=m.meta["stored_range"])
+    presets = {p.name: p for p in viewer.window_presets()}
+    viewer.apply_preset(presets["Full stored range"])  # -32768 .. 32767: a narrow grey band
+    assert 115 <= viewer.rendered_grey()[0, 0] and viewer.rendered_grey()[0, -1] <= 140
+    viewer.apply_preset(presets["Image minimum to maximum"])
+    assert viewer.rendered_grey()[0, 0] == 0 and viewer.rendered_grey()[0, -1] == 255
+
+    ramp12 = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (10, 1))
+    m = read_image(write_dicom(tmp_path / "g.dcm", ramp12, bits_stored=12, WindowCenter=2048,
+                               WindowWidth=1000, VOILUTFunction="SIGMOID"))
+    viewer.set_image(m.pixels, m.raw, m.meta["windows"], None,
+                     window_function=m.meta["window_function"], stored_range=m.meta["stored_range"])
+    default = viewer.rendered_grey().copy()
+    viewer.apply_preset(viewer.window_presets()[1])
+    assert viewer.window_presets()[1].function == "SIGMOID"
+    assert np.abs(viewer.rendered_grey().astype(int) - default.astype(int)).max() <= 2
 
 
 def test_invert(viewer):

@@ -82,11 +82,12 @@ def images_beside(path: Path) -> list[Path]:
 
 
 def format_raw(value) -> str:
-    """A stored value as the status bar shows it: integers plainly, others with 4 digits."""
+    """A stored value as the status bar shows it: integers plainly, others with up to 7
+    significant digits (4 made 1084.25 read "1084", a whole number it is not)."""
     number = float(value)
     if number.is_integer():
         return str(int(number))
-    return f"{number:.4g}"
+    return f"{number:.7g}"
 
 
 def app_icon() -> QIcon:

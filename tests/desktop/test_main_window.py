@@ -303,3 +303,14 @@ def test_a_bundle_loaded_from_the_menu_is_used_again_at_the_next_start(make_wind
                               "could not be loaded:")
     assert message.endswith(f"MammoLab uses {analyzer.name} v{analyzer.version} instead.")
     assert settings.value(LAST_BUNDLE_KEY) == ""
+
+
+def test_status_bar_values_are_not_rounded_to_look_whole():
+    import numpy as np
+
+    from desktop.main_window import format_raw
+
+    assert format_raw(np.float32(1084.25)) == "1084.25"
+    assert format_raw(np.float32(0.1)) == "0.1"
+    assert format_raw(np.int32(-2000)) == "-2000"
+    assert format_raw(np.float32(514.25)) == "514.25"

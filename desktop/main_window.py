@@ -189,7 +189,7 @@ class MainWindow(QMainWindow):
         self.zoom_label = QLabel("")
         for label, width in (
             (self.position_label, "x 00000  y 00000"),
-            (self.value_label, "value 00000.0"),
+            (self.value_label, "value -000000.00"),
             (self.window_label, "W 00000 L 00000"),
             (self.zoom_label, "zoom 0000 %"),
         ):

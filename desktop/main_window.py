@@ -675,7 +675,11 @@ class MainWindow(QMainWindow):
             details.append(" ".join(x for x in (side, view) if x))
         spacing = meta.get("pixel_spacing_mm")
         if spacing:
-            details.append(f"{float(spacing[0]):.3g} mm/px")
+            row, col = float(spacing[0]), float(spacing[1] if len(spacing) > 1 else spacing[0])
+            details.append(f"{row:.3g} mm/px" if row == col else f"{row:.3g} × {col:.3g} mm/px (row × column)")
+        frames = int(meta.get("frames") or 1)
+        if frames > 1:
+            details.append(f"frame 1 of {frames} shown")
         parts.append(", ".join(d for d in details if d))
         return "<br>".join(parts)
 

@@ -306,11 +306,24 @@ def test_a_bundle_loaded_from_the_menu_is_used_again_at_the_next_start(make_wind
 
 
 def test_status_bar_values_are_not_rounded_to_look_whole():
-    import numpy as np
-
     from desktop.main_window import format_raw
 
     assert format_raw(np.float32(1084.25)) == "1084.25"
     assert format_raw(np.float32(0.1)) == "0.1"
     assert format_raw(np.int32(-2000)) == "-2000"
     assert format_raw(np.float32(514.25)) == "514.25"
+
+
+def test_the_image_line_says_uneven_spacing_and_which_frame_is_shown():
+    from core.io import Mammogram
+    from desktop.main_window import MainWindow
+
+    def line(**meta):
+        m = Mammogram(pixels=np.zeros((40, 30), np.float32), raw=None, meta={"format": "DICOM", **meta},
+                      path=None)
+        return MainWindow._describe_image(m, Path("x.dcm"))
+
+    assert "0.07 mm/px" in line(pixel_spacing_mm=(0.07, 0.07), frames=1)
+    uneven = line(pixel_spacing_mm=(0.07, 0.05), frames=3)
+    assert "0.07 × 0.05 mm/px (row × column)" in uneven and "frame 1 of 3 shown" in uneven
+    assert "frame" not in line(frames=1)

@@ -371,7 +371,7 @@ def _read_dicom(path: Path, force: bool) -> Mammogram:
         "window": windows[0][:2] if windows else None,
         "windows": windows,
         "window_function": str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR",
-        "stored_range": _raw_range(raw, ds),
+        "stored_range": _modality_range(ds),  # what raw can hold, in its units
         "frames": int(ds.get("NumberOfFrames") or 1),
         "photometric": photometric,
         "transfer_syntax": ds.file_meta.TransferSyntaxUID.name,
@@ -475,17 +475,6 @@ def _modality_range(ds: Dataset, rising: bool = True) -> tuple[float, float]:
         if rising:
             low, high = sorted((low, high))
     return low, high
-
-
-def _raw_range(raw: np.ndarray, ds: Dataset) -> tuple[float, float]:
-    """The range ``raw`` can hold: the stored range after the modality LUT or rescale when
-    ``raw`` holds those values, else the stored values' own range."""
-    if raw.dtype.kind == "f" or "RescaleSlope" in ds or ds.get("ModalityLUTSequence"):
-        return _modality_range(ds)
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-    if int(ds.get("PixelRepresentation") or 0) == 0:
-        return 0.0, float(2**bits - 1)
-    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
 
 
 def _voi_lut_range(ds: Dataset) -> tuple[float, float]:

@@ -44,6 +44,11 @@ class BatchRow:
     other_breast: Path | None = None  # read beside this film (the other breast), if any
     single_probabilities: tuple[float, ...] = ()  # the film read alone (= probabilities if unpaired)
 
+    @property
+    def reason(self) -> str:
+        """``error`` without the file name it starts with, for a line that names the file already."""
+        return self.error.removeprefix(f"{Path(self.path).name}: ")
+
     def as_csv(self) -> dict[str, str]:
         p = list(self.probabilities) + [None] * (3 - len(self.probabilities))
         fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731

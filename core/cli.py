@@ -109,9 +109,7 @@ def _classify(argv: list[str]) -> int:
                 print(f"\r[{row.index}/{row.total}] {row.status:5s} eta {eta:5.0f}s  {row.path.name[:40]:40s}",
                       end="", file=sys.stderr, flush=True)
             else:
-                detail = ""
-                if row.status != "ok":  # the error names the file first; the path is already there
-                    detail = ": " + row.error.removeprefix(f"{row.path.name}: ")
+                detail = f": {row.reason}" if row.status != "ok" else ""
                 print(f"[{row.index}/{row.total}] {row.status:5s} {row.path}{detail}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("\nmammolab classify: interrupted; writing the rows done so far", file=sys.stderr)

@@ -176,9 +176,9 @@ def read_image(path: str | Path) -> Mammogram:
     except MemoryError as exc:
         raise ImageReadError(path, "not enough memory to open this image") from exc
     except OSError as exc:
-        raise ImageReadError(path, f"the file could not be read ({_describe(exc)})") from exc
+        raise ImageReadError(path, f"the file could not be read ({describe_error(exc)})") from exc
     except Exception as exc:  # any decoder's own error type must not reach the user raw
-        raise ImageReadError(path, f"the file could not be read ({_describe(exc)})") from exc
+        raise ImageReadError(path, f"the file could not be read ({describe_error(exc)})") from exc
 
 
 def has_dicom_preamble(path: str | Path) -> bool:
@@ -204,7 +204,7 @@ def dicom_identity(path: str | Path) -> dict[str, Any] | None:
         return {"patient_id": str(ds.get("PatientID", "") or ""),
                 "study_date": str(ds.get("StudyDate", "") or ""), "laterality": laterality, "view": view}
     except Exception as exc:  # any damage: the file simply has no identity to pair by
-        logger.debug("no DICOM identity for %s (%s)", path, _describe(exc))
+        logger.debug("no DICOM identity for %s (%s)", path, describe_error(exc))
         return None
 
 
@@ -254,7 +254,7 @@ def _check_file(path: Path) -> None:
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except OSError as exc:
-        raise ImageReadError(path, f"the file cannot be opened ({_describe(exc)})") from None
+        raise ImageReadError(path, f"the file cannot be opened ({describe_error(exc)})") from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageReadError(path, "this is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -263,7 +263,9 @@ def _check_file(path: Path) -> None:
         raise ImageReadError(path, "the file is empty (0 bytes)")
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """An exception in a few words for a one-line message: an OS error's own text, else the
+    first line of the message, else the exception's type."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -310,11 +312,11 @@ def _read_dicom(path: Path, force: bool) -> Mammogram:
         ds = pydicom.dcmread(path, force=force)
     except InvalidDicomError as exc:
         raise ImageReadError(
-            path, f"not a DICOM file MammoLab can read ({_describe(exc)})"
+            path, f"not a DICOM file MammoLab can read ({describe_error(exc)})"
         ) from exc
     except Exception as exc:
         raise ImageReadError(
-            path, f"the DICOM file is damaged or incomplete ({_describe(exc)})"
+            path, f"the DICOM file is damaged or incomplete ({describe_error(exc)})"
         ) from exc
 
     if not any(tag in ds for tag in _PIXEL_TAGS):
@@ -346,7 +348,7 @@ def _read_dicom(path: Path, force: bool) -> Mammogram:
         raise ImageReadError(
             path,
             "the DICOM pixel data could not be decoded, the file may be damaged or incomplete "
-            f"({syntax}: {_describe(exc)})",
+            f"({syntax}: {describe_error(exc)})",
         ) from exc
     if stored.ndim != 2:
         raise ImageReadError(path, f"expected one grey-scale frame, got an array of {stored.shape}")
@@ -576,7 +578,7 @@ def _dicom_tags(ds: Dataset) -> list[dict[str, str]]:
                 value = _tag_value(elem)
                 keyword, name, vr = elem.keyword, elem.name, str(elem.VR)
             except Exception as exc:  # one malformed element must not hide the others
-                keyword, name, vr, value = "", "", "", f"<unreadable: {_describe(exc)}>"
+                keyword, name, vr, value = "", "", "", f"<unreadable: {describe_error(exc)}>"
             tags.append(
                 {
                     "tag": f"({tag.group:04X},{tag.element:04X})",
@@ -644,7 +646,7 @@ def _read_pillow(path: Path) -> Mammogram:
             raise
         except Exception as exc:
             raise ImageReadError(
-                path, f"the image data is damaged or incomplete ({_describe(exc)})"
+                path, f"the image data is damaged or incomplete ({describe_error(exc)})"
             ) from exc
 
     # One float32 per possible integer, so each pixel is exactly float32(value / full_scale).

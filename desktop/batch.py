@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
 )
 from superqt.utils import GeneratorWorker, thread_worker
 
+from desktop.results import call_explanation
 from desktop.tags import refilter
 from desktop.workers import batch_job
 
@@ -124,7 +125,7 @@ class BatchTableModel(QAbstractTableModel):
                 area = row.lesion_area_frac
                 return "" if area is None else f"{100.0 * area:.2f} %"
             if column == 6:  # the file is named in the first column already
-                return "ok" if ok else f"error: {row.error.removeprefix(f'{Path(row.path).name}: ')}"
+                return "ok" if ok else f"error: {row.reason}"
         if role == SORT_ROLE:
             if column in (2, 3, 4):
                 p = probabilities[column - 2]
@@ -141,8 +142,7 @@ class BatchTableModel(QAbstractTableModel):
             tip = str(row.path) + (f"\nRead beside the other breast: {other.name}" if other else "\nRead alone")
             top = HEADERS[2 + max(range(3), key=lambda k: probabilities[k] or 0.0)]
             if row.predicted and row.predicted != top:
-                tip += (f"\n{top} is more probable, but {row.predicted} stands higher against how "
-                        "common it was among the training films.")
+                tip += "\n" + call_explanation(row.predicted, top)
             return tip
         if role == Qt.ItemDataRole.ForegroundRole and not ok:
             return _ERROR_BRUSH

@@ -40,14 +40,19 @@ def percent_text(probability: float) -> str:
     return f"{100.0 * float(probability):.1f} %"
 
 
+def call_explanation(called: str, top: str) -> str:
+    """Why the bundle's balanced call (core.decision) is not the most probable class."""
+    return (f"{top} is more probable, but {called} stands higher against how common it was among "
+            "the training films.")
+
+
 def _call_text(called: str, top: str) -> str:
-    """The panel's line for the model's call; when the bundle's balanced call (core.decision)
-    picked a class other than the largest bar, it says why."""
+    """The panel's line for the model's call; when the balanced call picked a class other than
+    the largest bar, it says why."""
     if called == top:
         return f"Model's top class: <b>{called}</b>"
-    return (f"Model's call: <b>{called}</b><br><span style='color: #555555;'>{top} is more "
-            f"probable, but {called} stands higher against how common it was among the training "
-            "films.</span>")
+    return (f"Model's call: <b>{called}</b><br><span style='color: #555555;'>"
+            f"{call_explanation(called, top)}</span>")
 
 
 class ConfidenceBarsWidget(QWidget):

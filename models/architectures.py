@@ -33,6 +33,7 @@ from typing import Any
 
 import keras
 
+from core.io import describe_error
 from models.efficientnet_lite import (
     build_efficientnet_b0_backbone,
     build_lite0_features,
@@ -868,5 +869,4 @@ def load(path: str | Path) -> keras.Model:
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as exc:  # a damaged archive fails in many ways inside Keras
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path} cannot be loaded as a Keras model ({first})") from exc
+        raise ModelFileError(f"{path} cannot be loaded as a Keras model ({describe_error(exc)})") from exc

@@ -37,6 +37,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from core.io import describe_error
 from models.torch_checkpoint import load_state_dict
 
 __all__ = [
@@ -673,9 +674,8 @@ def build_efficientnet_b0_backbone(
         except FileNotFoundError:
             raise
         except Exception as exc:  # h5py's OSError, Keras' ValueError for another model's weights
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{weights_path} is not a weights file of Keras' EfficientNetB0 "
-                             f"without its top (efficientnetb0_notop): {first}") from exc
+                             f"without its top (efficientnetb0_notop): {describe_error(exc)}") from exc
         _fix_keras_imagenet_normalisation(core)
     model = keras.Model(inputs, core(x), name=name)
     if weights_path is not None:
